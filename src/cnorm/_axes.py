@@ -1,0 +1,109 @@
+"""Canonicalize (array, reduced axes) into the kernels' 4-d shape.
+
+Every reduction becomes ``x[o, r1, k, r0]`` reduced over ``(r1, r0)``:
+
+* rows     (LayerNorm, ``axis=-1``):             ``O=1, R1=1, K=rows, R0=len``
+* columns  (channels-last BatchNorm, ``axis=0``): ``R0=1``, vectorized over k
+* NCHW BatchNorm (reduce N, H, W; keep C):       ``R1=N, K=C, R0=H*W``
+
+Axes are sorted by memory stride, size-1 axes dropped, neighbours merged when
+their strides allow, and reduced axes with negative strides flipped (the
+order of a reduction does not matter; the kept axes keep their index map).
+What does not fit four dims (e.g. reduce, keep, reduce, keep) leaves *outer*
+dims that the caller loops over, merging into the same states.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from operator import index
+
+import numpy as np
+from numpy.exceptions import AxisError
+
+__all__ = ["normalize_axes", "Plan", "plan_reduction"]
+
+
+def normalize_axes(axis, ndim: int, argname: str = "axis") -> tuple[int, ...]:
+    """Return the sorted tuple of non-negative axes named by ``axis``.
+
+    ``None`` means all axes.  Raises ``AxisError`` for an axis out of range
+    and ``ValueError`` for a repeated axis, ``TypeError`` for a non-integer.
+    """
+    if axis is None:
+        return tuple(range(ndim))
+    items = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
+    out = []
+    for a in items:
+        if isinstance(a, (bool, np.bool_)):
+            raise TypeError(f"{argname} must be an int or a tuple of ints, got {axis!r}")
+        try:
+            a = index(a)
+        except TypeError:
+            raise TypeError(f"{argname} must be an int or a tuple of ints, got {axis!r}") from None
+        if not -ndim <= a < ndim:
+            raise AxisError(a, ndim, msg_prefix=argname)
+        out.append(a % ndim if ndim else a)
+    if len(set(out)) != len(out):
+        raise ValueError(f"repeated axis in {argname}={axis!r}")
+    return tuple(sorted(out))
+
+
+@dataclass
+class Plan:
+    """How to run one reduction: a 4-d problem plus outer loops."""
+    offset: int                      # bytes from x's data pointer to element 0 of the view
+    shape: tuple                     # (O, R1, K, R0)
+    strides: tuple                   # byte strides of those four dims
+    so: int                          # state strides of O and K
+    sk: int
+    outer: list = field(default_factory=list)   # [(size, byte stride, state stride)], outermost first
+
+
+def plan_reduction(shape, strides, red_axes, state_strides) -> Plan:
+    """Plan the reduction of an array (``shape``, byte ``strides``) over ``red_axes``.
+
+    ``state_strides[i]`` is the index stride of kept axis ``i`` in the state
+    array (ignored for reduced axes).
+    """
+    offset = 0
+    dims = []  # [size, xstride, sstride, reduced]
+    for ax, (n, s) in enumerate(zip(shape, strides)):
+        red = ax in red_axes
+        if n == 1:
+            continue
+        if red and s < 0:
+            offset += (n - 1) * s
+            s = -s
+        dims.append([n, s, 0 if red else state_strides[ax], red])
+    if any(d[0] == 0 for d in dims):
+        # empty: no work (states stay empty); shape with a zero keeps kernels idle
+        return Plan(offset, (0, 0, 0, 0), (0, 0, 0, 0), 0, 0, [])
+    # outermost first: large strides first, zero strides (broadcast) outermost
+    dims.sort(key=lambda d: -abs(d[1]) if d[1] != 0 else -np.inf)
+    merged = []
+    for d in dims:
+        if merged:
+            p = merged[-1]
+            if p[3] == d[3] and p[1] == d[1] * d[0] and (d[3] or p[2] == d[2] * d[0]):
+                p[0] *= d[0]
+                p[1] = d[1]
+                p[2] = d[2]
+                continue
+        merged.append(list(d))
+    # peel (O, R1, K, R0) from the inside
+    slots = {"R0": (1, 0, 0), "K": (1, 0, 0), "R1": (1, 0, 0), "O": (1, 0, 0)}
+    order = ["R0", "K", "R1", "O"] if (merged and merged[-1][3]) else ["K", "R1", "O"]
+    i = len(merged) - 1
+    for name in order:
+        if i < 0:
+            break
+        want_red = name.startswith("R")
+        if merged[i][3] == want_red:
+            slots[name] = tuple(merged[i][:3])
+            i -= 1
+    outer = [tuple(d[:3]) for d in merged[: i + 1]]
+    names = ("O", "R1", "K", "R0")
+    return Plan(offset,
+                tuple(slots[n][0] for n in names),
+                tuple(slots[n][1] for n in names),
+                slots["O"][2], slots["K"][2], outer)

@@ -1,0 +1,220 @@
+"""Run-time configuration: threads, the ISA path of the Cython kernels, backends.
+
+Threads
+-------
+The default thread count is the number of CPUs this process may run on (its
+affinity mask), capped by ``OMP_NUM_THREADS`` when set; ``CNORM_NUM_THREADS``
+overrides both and ``set_num_threads`` overrides everything.  Results never
+depend on the thread count.
+
+To avoid oversubscription, a call made while another cnorm call is already
+running in another Python thread uses one thread: the caller has already
+parallelised the work.
+
+ISA
+---
+The Cython kernels exist as three compiled copies (baseline, avx2, avx512);
+the best one the CPU supports is chosen at import.  ``CNORM_ISA`` forces one
+(``baseline``, ``avx2`` or ``avx512``); asking for one the CPU cannot run is
+an error rather than a crash.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+
+__all__ = ["set_num_threads", "get_num_threads", "show_config"]
+
+_ISA_MODULES = {"baseline": "cnorm._kernels", "avx2": "cnorm._kernels_avx2",
+                "avx512": "cnorm._kernels_avx512"}
+_ISA_LEVEL = {"baseline": 0, "avx2": 1, "avx512": 2}
+_BACKENDS = ("auto", "cython", "numba", "numpy")
+
+_num_threads: int | None = None
+_active_calls = 0
+_active_lock = threading.Lock()
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        n = int(value.split(",")[0])
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not a positive integer") from None
+    if n <= 0:
+        raise ValueError(f"environment variable {name}={value!r} is not a positive integer")
+    return n
+
+
+def _usable_cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _default_threads() -> int:
+    explicit = _env_int("CNORM_NUM_THREADS")
+    if explicit is not None:
+        return explicit
+    n = _usable_cpus()
+    omp = _env_int("OMP_NUM_THREADS")
+    return min(n, omp) if omp is not None else n
+
+
+def check_num_threads(n, name: str = "num_threads") -> int:
+    """Validate a thread count (a positive int)."""
+    if isinstance(n, bool) or not isinstance(n, (int,)) and not hasattr(n, "__index__"):
+        raise TypeError(f"{name} must be a positive integer or None, got {n!r}")
+    n = int(n.__index__()) if not isinstance(n, int) else n
+    if n <= 0:
+        raise ValueError(f"{name} must be a positive integer or None, got {n!r}")
+    return n
+
+
+def set_num_threads(n: int) -> None:
+    """Set the default number of threads used by cnorm's kernels.
+
+    Parameters
+    ----------
+    n : int
+        A positive thread count.  Results do not depend on it.
+    """
+    global _num_threads
+    _num_threads = check_num_threads(n, "n")
+
+
+def get_num_threads() -> int:
+    """Return the default number of threads used by cnorm's kernels."""
+    return _num_threads if _num_threads is not None else _default_threads()
+
+
+def resolve_threads(num_threads) -> int:
+    """Threads for one call: the argument, else the library default."""
+    if num_threads is None:
+        return get_num_threads()
+    return check_num_threads(num_threads)
+
+
+class _CallSlot:
+    """Context manager counting concurrent cnorm calls; the effective thread
+    count is 1 when another call is already in flight (no oversubscription)."""
+
+    __slots__ = ("requested", "threads")
+
+    def __init__(self, requested: int):
+        self.requested = requested
+
+    def __enter__(self) -> int:
+        global _active_calls
+        with _active_lock:
+            busy = _active_calls > 0
+            _active_calls += 1
+        self.threads = 1 if busy else self.requested
+        return self.threads
+
+    def __exit__(self, *exc) -> None:
+        global _active_calls
+        with _active_lock:
+            _active_calls -= 1
+
+
+def call_slot(num_threads) -> _CallSlot:
+    return _CallSlot(resolve_threads(num_threads))
+
+
+# ------------------------------------------------------------------ ISA dispatch
+def _load_kernels():
+    base = importlib.import_module(_ISA_MODULES["baseline"])
+    level = base.cpu_level()
+    compiled = ["baseline"]
+    for name in ("avx2", "avx512"):
+        try:
+            importlib.import_module(_ISA_MODULES[name])
+            compiled.append(name)
+        except ImportError:
+            pass
+    forced = os.environ.get("CNORM_ISA", "").strip().lower()
+    if forced:
+        if forced not in _ISA_MODULES:
+            raise ValueError(f"CNORM_ISA={forced!r}: expected one of {sorted(_ISA_MODULES)}")
+        if forced not in compiled:
+            raise ValueError(f"CNORM_ISA={forced!r}: this build has only {compiled}")
+        if _ISA_LEVEL[forced] > level:
+            raise ValueError(f"CNORM_ISA={forced!r}: this CPU supports only "
+                             f"{[n for n in compiled if _ISA_LEVEL[n] <= level]}")
+        chosen = forced
+    else:
+        chosen = max((n for n in compiled if _ISA_LEVEL[n] <= level), key=_ISA_LEVEL.get)
+    runnable = [n for n in compiled if _ISA_LEVEL[n] <= level]
+    return importlib.import_module(_ISA_MODULES[chosen]), chosen, compiled, runnable
+
+
+try:
+    kernels, isa_selected, isa_compiled, isa_runnable = _load_kernels()
+    HAVE_EXTENSION = True
+except ImportError:  # pragma: no cover - source checkout without a build
+    kernels, isa_selected, isa_compiled, isa_runnable = None, None, [], []
+    HAVE_EXTENSION = False
+
+
+def kernels_for_isa(name: str):
+    """The kernel module compiled for one ISA level (for tests and benchmarks)."""
+    if name not in isa_runnable:
+        raise ValueError(f"isa={name!r} is not runnable here; runnable: {isa_runnable}")
+    return importlib.import_module(_ISA_MODULES[name])
+
+
+def have_numba() -> bool:
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend) -> str:
+    """Map ``backend`` to one of 'cython', 'numba', 'numpy' (errors name the value)."""
+    if not isinstance(backend, str) or backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {list(_BACKENDS)}, got {backend!r}")
+    if backend == "auto":
+        return "cython" if HAVE_EXTENSION else ("numba" if have_numba() else "numpy")
+    if backend == "cython" and not HAVE_EXTENSION:
+        raise ValueError("backend='cython' is not available: the extension is not built")
+    if backend == "numba" and not have_numba():
+        raise ValueError("backend='numba' needs the numba package (pip install numba)")
+    return backend
+
+
+def show_config(file=None) -> dict:
+    """Print and return cnorm's build and run-time configuration.
+
+    Returns
+    -------
+    dict
+        ``version``, ``isa_compiled``, ``isa_runnable``, ``isa_selected``,
+        ``num_threads``, ``backends``.
+    """
+    from . import __version__
+    info = {
+        "version": __version__,
+        "isa_compiled": list(isa_compiled),
+        "isa_runnable": list(isa_runnable),
+        "isa_selected": isa_selected,
+        "num_threads": get_num_threads(),
+        "usable_cpus": _usable_cpus(),
+        "backends": [b for b in ("cython", "numba", "numpy")
+                     if (b != "cython" or HAVE_EXTENSION) and (b != "numba" or have_numba())],
+    }
+    lines = [f"cnorm {info['version']}",
+             f"  ISA paths compiled : {', '.join(info['isa_compiled']) or 'none'}",
+             f"  ISA paths runnable : {', '.join(info['isa_runnable']) or 'none'}",
+             f"  ISA path selected  : {info['isa_selected']}"
+             + ("  (forced by CNORM_ISA)" if os.environ.get("CNORM_ISA") else ""),
+             f"  threads            : {info['num_threads']} (usable CPUs: {info['usable_cpus']})",
+             f"  backends           : {', '.join(info['backends'])}"]
+    print("\n".join(lines), file=file)
+    return info

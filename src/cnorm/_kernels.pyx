@@ -1,0 +1,584 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: initializedcheck=False, nonecheck=False, embedsignature=True
+"""Moments kernels: stable mean and variance of strided slices.
+
+The algorithm, shared by every reduction shape and dtype:
+
+1. A slice is cut into *blocks* of at most ``BLOCK`` elements (whole short
+   rows are grouped, long rows are split).  A block is read twice while it is
+   hot in L1: the first pass takes a pilot mean ``c``, the second accumulates
+   ``S1 = sum(x - c)`` and ``S2 = sum((x - c)**2)`` in ``LANES`` independent
+   lanes.  Float16/float32 inputs accumulate in float64; float64 inputs in
+   double-double (TwoSum / exact products), which keeps the float64 variance
+   within 2 ulp at any offset.
+2. The block state is ``n``, ``mean = c + S1/n`` and ``M2 = S2 - S1**2/n``
+   (the corrected two-pass formula; the correction is tiny because ``c`` is
+   close to the mean).
+3. Blocks merge left to right into *chunk* states and chunks merge left to
+   right into the slice state, with Chan's formula in double-double.  The
+   chunk size depends only on the shape, never on the thread count, so the
+   result is bitwise identical for any number of threads.
+
+Threads split the (slice, chunk) tasks; the GIL is released throughout.
+The module is compiled once per ISA level (see setup.py); ``isa()`` says
+which one this copy is.
+"""
+from libc.stdint cimport uint16_t
+from libc.stdlib cimport malloc, free
+from libc.math cimport sqrt, isfinite, NAN, INFINITY
+from cython.parallel cimport prange
+cimport numpy as cnp
+
+cnp.import_array()
+
+cdef extern from "_simd.h" nogil:
+    double cn_two_prod_err(double a, double b, double p)
+    double cn_half_to_double(uint16_t h)
+    uint16_t cn_double_to_half(double d)
+    void cn_half8_to_double(const uint16_t *p, double *out)
+    void cn_double8_to_half(const double *inp, uint16_t *p)
+    const char *cn_isa_name()
+    int cn_cpu_level()
+
+DEF LANES = 16          # independent accumulators per block (two AVX-512 vectors of doubles)
+DEF BLOCK = 2048        # elements per block: read twice while in L1
+DEF CHUNK_BLOCKS = 64   # blocks per chunk: the unit of parallel work along a slice
+DEF TILE = 128          # columns per tile in the column kernel
+DEF SERIAL_WORK = 32768 # below this many elements, never start threads
+
+
+def isa():
+    """The ISA level this copy of the kernels was compiled for."""
+    return cn_isa_name().decode()
+
+
+def cpu_level():
+    """Highest ISA level the CPU supports: 2 = AVX-512 (x86-64-v4), 1 = AVX2 (v3), 0 = baseline."""
+    return cn_cpu_level()
+
+
+# ---------------------------------------------------------------- double-double
+cdef inline void two_sum(double a, double b, double* s, double* e) noexcept nogil:
+    cdef double ss = a + b
+    cdef double bb = ss - a
+    s[0] = ss
+    e[0] = (a - (ss - bb)) + (b - bb)
+
+
+cdef inline void dd_add(double* h, double* l, double bh, double bl) noexcept nogil:
+    """(h, l) += (bh, bl)"""
+    cdef double s, e, t
+    two_sum(h[0], bh, &s, &e)
+    e = e + (l[0] + bl)
+    t = s + e
+    l[0] = e - (t - s)
+    h[0] = t
+
+
+cdef inline void dd_mul_d(double ah, double al, double b, double* h, double* l) noexcept nogil:
+    """(h, l) = (ah, al) * b"""
+    cdef double p = ah * b
+    cdef double e = cn_two_prod_err(ah, b, p) + al * b
+    cdef double t = p + e
+    l[0] = e - (t - p)
+    h[0] = t
+
+
+cdef inline void dd_div_d(double ah, double al, double b, double* h, double* l) noexcept nogil:
+    """(h, l) = (ah, al) / b"""
+    cdef double q1 = ah / b
+    cdef double ph, pl, rh, rl, q2, t
+    ph = q1 * b
+    pl = cn_two_prod_err(q1, b, ph)
+    rh = ah - ph
+    rl = (al - pl)
+    q2 = (rh + rl) / b
+    t = q1 + q2
+    l[0] = q2 - (t - q1)
+    h[0] = t
+
+
+cdef inline void dd_sq(double ah, double al, double* h, double* l) noexcept nogil:
+    cdef double p = ah * ah
+    cdef double e = cn_two_prod_err(ah, ah, p) + 2.0 * ah * al
+    cdef double t = p + e
+    l[0] = e - (t - p)
+    h[0] = t
+
+
+# ---------------------------------------------------------------- states
+cdef void state_merge(State* a, const State* b) noexcept nogil:
+    """Merge b into a (Chan et al.), in double-double."""
+    cdef double n, dh, dl, th, tl, wh, wl
+    if b.n == 0:
+        return
+    if a.n == 0:
+        a[0] = b[0]
+        return
+    n = a.n + b.n
+    if not (isfinite(a.mh) and isfinite(b.mh)):
+        # inf or nan somewhere: the mean follows IEEE arithmetic, the spread is undefined
+        a.mh = a.mh * (a.n / n) + b.mh * (b.n / n)
+        a.ml = 0.0
+        a.qh = NAN
+        a.ql = 0.0
+        a.n = n
+        return
+    # delta = mean_b - mean_a
+    dh = b.mh
+    dl = b.ml
+    dd_add(&dh, &dl, -a.mh, -a.ml)
+    # mean_a += delta * n_b / n
+    dd_mul_d(dh, dl, b.n, &th, &tl)
+    dd_div_d(th, tl, n, &th, &tl)
+    # M2 = M2_a + M2_b + delta^2 * n_a * n_b / n
+    dd_sq(dh, dl, &wh, &wl)
+    dd_mul_d(wh, wl, a.n, &wh, &wl)
+    dd_mul_d(wh, wl, b.n, &wh, &wl)
+    dd_div_d(wh, wl, n, &wh, &wl)
+    dd_add(&a.mh, &a.ml, th, tl)
+    dd_add(&a.qh, &a.ql, b.qh, b.ql)
+    dd_add(&a.qh, &a.ql, wh, wl)
+    a.n = n
+
+
+cdef void state_finalize(const State* s, double ddof, double* mean, double* var) noexcept nogil:
+    """Mean and variance (M2 / (n - ddof)) of a state, rounded to double."""
+    cdef double vh, vl, d = s.n - ddof
+    if s.n == 0:
+        mean[0] = NAN
+    elif isfinite(s.mh):
+        mean[0] = s.mh + s.ml
+    else:
+        mean[0] = s.mh
+    if s.qh != s.qh:
+        var[0] = NAN
+    elif d <= 0:
+        # np.var: M2 / max(n - ddof, 0), so inf, or nan when M2 == 0 or n == 0
+        var[0] = INFINITY if (s.qh > 0 and s.n > 0) else NAN
+    else:
+        dd_div_d(s.qh, s.ql, d, &vh, &vl)
+        var[0] = vh if vh > 0 else 0.0
+
+
+cdef inline void block_state(double n, double c, double s1h, double s1l,
+                             double s2h, double s2l, State* out) noexcept nogil:
+    """State of a block from its pilot mean c and the centred sums S1, S2."""
+    cdef double qh, ql, th, tl
+    out.n = n
+    if not isfinite(c):
+        out.mh = c
+        out.ml = 0.0
+        out.qh = NAN
+        out.ql = 0.0
+        return
+    # mean = c + S1/n
+    dd_div_d(s1h, s1l, n, &th, &tl)
+    out.mh = c
+    out.ml = 0.0
+    dd_add(&out.mh, &out.ml, th, tl)
+    # M2 = S2 - S1^2/n
+    dd_sq(s1h, s1l, &qh, &ql)
+    dd_div_d(qh, ql, n, &qh, &ql)
+    out.qh = s2h
+    out.ql = s2l
+    dd_add(&out.qh, &out.ql, -qh, -ql)
+    if out.qh < 0:
+        out.qh = 0.0
+        out.ql = 0.0
+    if s2h != s2h:
+        out.qh = NAN
+
+
+# ---------------------------------------------------------------- loads
+cdef inline double ld(const src_t* p) noexcept nogil:
+    if src_t is uint16_t:
+        return cn_half_to_double(p[0])
+    else:
+        return <double>p[0]
+
+
+cdef inline void ld16(const src_t* p, double* buf) noexcept nogil:
+    """Sixteen contiguous elements to doubles."""
+    cdef int j
+    if src_t is uint16_t:
+        cn_half8_to_double(p, buf)
+        cn_half8_to_double(p + 8, buf + 8)
+    else:
+        for j in range(16):
+            buf[j] = <double>p[j]
+
+
+# ---------------------------------------------------------------- block kernel
+cdef inline double lane_total(double* acc) noexcept nogil:
+    """Fixed pairwise sum of the 16 lanes."""
+    cdef int j, w = 8
+    while w >= 1:
+        for j in range(w):
+            acc[j] = acc[j] + acc[j + w]
+        w = w // 2
+    return acc[0]
+
+
+cdef void block_moments(const src_t* base, Py_ssize_t nrows, Py_ssize_t rowlen,
+                        Py_ssize_t rstride, Py_ssize_t estride, State* out) noexcept nogil:
+    """State of the nrows x rowlen block at base (byte strides).
+
+    Contiguous rows (estride == itemsize) use the 16-lane path; anything else
+    the scalar path with the same arithmetic.
+    """
+    cdef double sum_[16]
+    cdef double s1h[16]
+    cdef double s1l[16]
+    cdef double s2h[16]
+    cdef double s2l[16]
+    cdef double buf[16]
+    cdef double c, x, d, de, t, bb, e, p2, e2
+    cdef Py_ssize_t r, i, nvec
+    cdef int j
+    cdef const char* row
+    cdef double n = <double>(nrows * rowlen)
+    cdef bint contiguous = estride == sizeof(src_t)
+
+    for j in range(16):
+        sum_[j] = 0.0
+        s1h[j] = 0.0
+        s1l[j] = 0.0
+        s2h[j] = 0.0
+        s2l[j] = 0.0
+    nvec = (rowlen // 16) * 16 if contiguous else 0
+
+    # pass 1: pilot mean
+    for r in range(nrows):
+        row = <const char*>base + r * rstride
+        for i in range(0, nvec, 16):
+            ld16(<const src_t*>row + i, buf)
+            for j in range(16):
+                sum_[j] = sum_[j] + buf[j]
+        for i in range(nvec, rowlen):
+            sum_[0] = sum_[0] + ld(<const src_t*>(row + i * estride))
+    c = lane_total(sum_) / n
+
+    # pass 2: centred sums
+    for r in range(nrows):
+        row = <const char*>base + r * rstride
+        if src_t is double:
+            for i in range(0, nvec, 16):
+                for j in range(16):
+                    x = (<const double*>row)[i + j]
+                    d = x - c
+                    bb = d - x
+                    de = (x - (d - bb)) + (-c - bb)
+                    t = s1h[j] + d
+                    bb = t - s1h[j]
+                    e = (s1h[j] - (t - bb)) + (d - bb)
+                    s1h[j] = t
+                    s1l[j] = s1l[j] + (e + de)
+                    p2 = d * d
+                    e2 = cn_two_prod_err(d, d, p2) + 2.0 * d * de
+                    t = s2h[j] + p2
+                    bb = t - s2h[j]
+                    e = (s2h[j] - (t - bb)) + (p2 - bb)
+                    s2h[j] = t
+                    s2l[j] = s2l[j] + (e + e2)
+            for i in range(nvec, rowlen):
+                x = (<const double*>(row + i * estride))[0]
+                d = x - c
+                bb = d - x
+                de = (x - (d - bb)) + (-c - bb)
+                t = s1h[0] + d
+                bb = t - s1h[0]
+                e = (s1h[0] - (t - bb)) + (d - bb)
+                s1h[0] = t
+                s1l[0] = s1l[0] + (e + de)
+                p2 = d * d
+                e2 = cn_two_prod_err(d, d, p2) + 2.0 * d * de
+                t = s2h[0] + p2
+                bb = t - s2h[0]
+                e = (s2h[0] - (t - bb)) + (p2 - bb)
+                s2h[0] = t
+                s2l[0] = s2l[0] + (e + e2)
+        else:
+            for i in range(0, nvec, 16):
+                ld16(<const src_t*>row + i, buf)
+                for j in range(16):
+                    d = buf[j] - c
+                    s1h[j] = s1h[j] + d
+                    s2h[j] = s2h[j] + d * d
+            for i in range(nvec, rowlen):
+                d = ld(<const src_t*>(row + i * estride)) - c
+                s1h[0] = s1h[0] + d
+                s2h[0] = s2h[0] + d * d
+
+    # combine the lanes in a fixed order (double-double for every dtype)
+    cdef double S1h = 0.0, S1l = 0.0, S2h = 0.0, S2l = 0.0
+    for j in range(16):
+        dd_add(&S1h, &S1l, s1h[j], s1l[j])
+        dd_add(&S2h, &S2l, s2h[j], s2l[j])
+    block_state(n, c, S1h, S1l, S2h, S2l, out)
+
+
+cdef void moments_1d_f64(const double* x, Py_ssize_t n, Py_ssize_t stride, State* out) noexcept nogil:
+    """State of n float64 values with element stride `stride` (for embedding)."""
+    slice_chunk(<const double*>x, 1, n, 0, stride * 8, 0, n, out)
+
+
+cdef void moments_1d_f32(const float* x, Py_ssize_t n, Py_ssize_t stride, State* out) noexcept nogil:
+    """State of n float32 values with element stride `stride` (for embedding)."""
+    slice_chunk(<const float*>x, 1, n, 0, stride * 4, 0, n, out)
+
+
+# ---------------------------------------------------------------- slices (rows kernel)
+cdef inline Py_ssize_t blocks_in_slice(Py_ssize_t nrows, Py_ssize_t rowlen) noexcept nogil:
+    if rowlen >= BLOCK:
+        return nrows * ((rowlen + BLOCK - 1) // BLOCK)
+    cdef Py_ssize_t g = BLOCK // rowlen
+    return (nrows + g - 1) // g
+
+
+cdef void slice_chunk(const src_t* base, Py_ssize_t nrows, Py_ssize_t rowlen,
+                      Py_ssize_t rstride, Py_ssize_t estride,
+                      Py_ssize_t b0, Py_ssize_t b1, State* out) noexcept nogil:
+    """Merge blocks b0..b1-1 of a slice (nrows x rowlen, byte strides) into out."""
+    cdef State blk
+    cdef Py_ssize_t b, r, k, per_row, g, nr
+    out.n = 0
+    out.mh = out.ml = out.qh = out.ql = 0.0
+    if rowlen >= BLOCK:
+        per_row = (rowlen + BLOCK - 1) // BLOCK
+        for b in range(b0, b1):
+            r = b // per_row
+            k = (b % per_row) * BLOCK
+            block_moments(<const src_t*>(<const char*>base + r * rstride + k * estride),
+                          1, min(BLOCK, rowlen - k), 0, estride, &blk)
+            state_merge(out, &blk)
+    else:
+        g = BLOCK // rowlen
+        for b in range(b0, b1):
+            nr = min(g, nrows - b * g)
+            block_moments(<const src_t*>(<const char*>base + b * g * rstride),
+                          nr, rowlen, rstride, estride, &blk)
+            state_merge(out, &blk)
+
+
+cdef void rows_kernel(const src_t* x, Py_ssize_t* shape, Py_ssize_t* xs,
+                      Py_ssize_t so, Py_ssize_t sk, State* states, int nthreads) noexcept nogil:
+    """Reduce x[o, r1, k, r0] over (r1, r0) into states[o*so + k*sk] (merging)."""
+    cdef Py_ssize_t O = shape[0], R1 = shape[1], K = shape[2], R0 = shape[3]
+    cdef Py_ssize_t nslices = O * K
+    cdef Py_ssize_t nblocks = blocks_in_slice(R1, R0)
+    cdef Py_ssize_t nchunks = (nblocks + CHUNK_BLOCKS - 1) // CHUNK_BLOCKS
+    cdef Py_ssize_t ntasks = nslices * nchunks, t, sl, ch, o, k
+    cdef State* part
+    cdef State st
+    cdef int nt = nthreads if nslices * R1 * R0 >= SERIAL_WORK else 1
+    if nslices == 0:
+        return
+    if nblocks == 0:
+        return
+    part = <State*>malloc(ntasks * sizeof(State))
+    if part == NULL:
+        return
+    for t in prange(ntasks, nogil=True, num_threads=nt, schedule='static'):
+        sl = t // nchunks
+        ch = t % nchunks
+        o = sl // K
+        k = sl % K
+        slice_chunk(<const src_t*>(<const char*>x + o * xs[0] + k * xs[2]), R1, R0, xs[1], xs[3],
+                    ch * CHUNK_BLOCKS, min(nblocks, (ch + 1) * CHUNK_BLOCKS), &part[t])
+    for sl in range(nslices):
+        st = part[sl * nchunks]
+        for ch in range(1, nchunks):
+            state_merge(&st, &part[sl * nchunks + ch])
+        o = sl // K
+        k = sl % K
+        state_merge(&states[o * so + k * sk], &st)
+    free(part)
+
+
+# ---------------------------------------------------------------- columns kernel
+cdef void cols_block(const src_t* base, Py_ssize_t nrows, Py_ssize_t ncols,
+                     Py_ssize_t rstride, Py_ssize_t cstride, State* out) noexcept nogil:
+    """States of ncols (<= TILE) columns over an nrows-row block."""
+    cdef double c[TILE]
+    cdef double s1h[TILE]
+    cdef double s1l[TILE]
+    cdef double s2h[TILE]
+    cdef double s2l[TILE]
+    cdef double x, d, de, t, bb, e, p2, e2
+    cdef Py_ssize_t r, j
+    cdef const char* row
+    cdef bint contiguous = cstride == sizeof(src_t)
+    for j in range(ncols):
+        c[j] = 0.0
+        s1h[j] = 0.0
+        s1l[j] = 0.0
+        s2h[j] = 0.0
+        s2l[j] = 0.0
+    for r in range(nrows):
+        row = <const char*>base + r * rstride
+        if contiguous:
+            for j in range(ncols):
+                c[j] = c[j] + ld(<const src_t*>row + j)
+        else:
+            for j in range(ncols):
+                c[j] = c[j] + ld(<const src_t*>(row + j * cstride))
+    for j in range(ncols):
+        c[j] = c[j] / nrows
+    for r in range(nrows):
+        row = <const char*>base + r * rstride
+        if src_t is double:
+            for j in range(ncols):
+                x = (<const double*>(row + j * cstride))[0]
+                d = x - c[j]
+                bb = d - x
+                de = (x - (d - bb)) + (-c[j] - bb)
+                t = s1h[j] + d
+                bb = t - s1h[j]
+                e = (s1h[j] - (t - bb)) + (d - bb)
+                s1h[j] = t
+                s1l[j] = s1l[j] + (e + de)
+                p2 = d * d
+                e2 = cn_two_prod_err(d, d, p2) + 2.0 * d * de
+                t = s2h[j] + p2
+                bb = t - s2h[j]
+                e = (s2h[j] - (t - bb)) + (p2 - bb)
+                s2h[j] = t
+                s2l[j] = s2l[j] + (e + e2)
+        elif contiguous:
+            for j in range(ncols):
+                d = ld(<const src_t*>row + j) - c[j]
+                s1h[j] = s1h[j] + d
+                s2h[j] = s2h[j] + d * d
+        else:
+            for j in range(ncols):
+                d = ld(<const src_t*>(row + j * cstride)) - c[j]
+                s1h[j] = s1h[j] + d
+                s2h[j] = s2h[j] + d * d
+    for j in range(ncols):
+        block_state(<double>nrows, c[j], s1h[j], s1l[j], s2h[j], s2l[j], &out[j])
+
+
+cdef void cols_task(const src_t* base, Py_ssize_t R, Py_ssize_t kn, Py_ssize_t rstride,
+                    Py_ssize_t cstride, Py_ssize_t brows, Py_ssize_t b0, Py_ssize_t b1,
+                    State* out) noexcept nogil:
+    """Merge row blocks b0..b1-1 of kn (<= TILE) columns into out[0:kn]."""
+    cdef State blk[TILE]
+    cdef Py_ssize_t b, j, r0
+    for j in range(kn):
+        out[j].n = 0
+        out[j].mh = out[j].ml = out[j].qh = out[j].ql = 0.0
+    for b in range(b0, b1):
+        r0 = b * brows
+        cols_block(<const src_t*>(<const char*>base + r0 * rstride),
+                   min(brows, R - r0), kn, rstride, cstride, blk)
+        for j in range(kn):
+            state_merge(&out[j], &blk[j])
+
+
+cdef void cols_kernel(const src_t* x, Py_ssize_t* shape, Py_ssize_t* xs,
+                      Py_ssize_t so, Py_ssize_t sk, State* states, int nthreads) noexcept nogil:
+    """Reduce x[o, r1, k] over r1 into states[o*so + k*sk], vectorized across k."""
+    cdef Py_ssize_t O = shape[0], R = shape[1], K = shape[2]
+    cdef Py_ssize_t brows = max(1, BLOCK * 8 // min(K, TILE))
+    cdef Py_ssize_t ntiles = (K + TILE - 1) // TILE
+    cdef Py_ssize_t nblocks = (R + brows - 1) // brows
+    cdef Py_ssize_t nchunks = (nblocks + CHUNK_BLOCKS - 1) // CHUNK_BLOCKS
+    cdef Py_ssize_t ntasks = O * ntiles * nchunks, t, tile, ch, o, k0, j
+    cdef State* part
+    cdef State st
+    cdef int nt = nthreads if O * R * K >= SERIAL_WORK else 1
+    if O * K == 0 or R == 0:
+        return
+    part = <State*>malloc(ntasks * TILE * sizeof(State))
+    if part == NULL:
+        return
+    for t in prange(ntasks, nogil=True, num_threads=nt, schedule='static'):
+        ch = t % nchunks
+        tile = (t // nchunks) % ntiles
+        o = t // (nchunks * ntiles)
+        k0 = tile * TILE
+        cols_task(<const src_t*>(<const char*>x + o * xs[0] + k0 * xs[2]), R, min(TILE, K - k0),
+                  xs[1], xs[2], brows, ch * CHUNK_BLOCKS, min(nblocks, (ch + 1) * CHUNK_BLOCKS),
+                  &part[t * TILE])
+    for o in range(O):
+        for tile in range(ntiles):
+            k0 = tile * TILE
+            for j in range(min(TILE, K - k0)):
+                st = part[((o * ntiles + tile) * nchunks) * TILE + j]
+                for ch in range(1, nchunks):
+                    state_merge(&st, &part[((o * ntiles + tile) * nchunks + ch) * TILE + j])
+                state_merge(&states[o * so + (k0 + j) * sk], &st)
+    free(part)
+
+
+# ---------------------------------------------------------------- Python entry points
+cdef inline void run_moments(const src_t* x, Py_ssize_t* shape, Py_ssize_t* xs,
+                             Py_ssize_t so, Py_ssize_t sk, State* states, int nthreads) noexcept nogil:
+    if shape[3] == 1 and shape[2] > 1:
+        cols_kernel(x, shape, xs, so, sk, states, nthreads)
+    else:
+        rows_kernel(x, shape, xs, so, sk, states, nthreads)
+
+
+def moments_4d(cnp.ndarray x, Py_ssize_t offset, shape, strides,
+               Py_ssize_t so, Py_ssize_t sk, double[:, ::1] states,
+               Py_ssize_t state_offset, int nthreads):
+    """Merge the moments of ``x[o, r1, k, r0]`` over ``(r1, r0)`` into ``states``.
+
+    Parameters
+    ----------
+    x : ndarray of float16, float32 or float64
+        Only its data pointer and dtype are used; ``offset``, ``shape`` and
+        ``strides`` (bytes) describe the canonical 4-d view of it.
+    so, sk : int
+        State index strides of the kept axes ``o`` and ``k``.
+    states : float64 array of shape (m, 5)
+        ``(n, mean_hi, mean_lo, M2_hi, M2_lo)`` per slice; results are merged
+        into what is there (start from zeros).
+    state_offset : int
+        Index of the state of ``o = k = 0``.
+    nthreads : int
+        Threads to use; the result does not depend on it.
+    """
+    cdef Py_ssize_t sh[4]
+    cdef Py_ssize_t st[4]
+    cdef int i
+    for i in range(4):
+        sh[i] = shape[i]
+        st[i] = strides[i]
+    if states.shape[1] != 5:
+        raise ValueError("states must have 5 columns")
+    cdef char* base = <char*>cnp.PyArray_DATA(x) + offset
+    cdef State* sp = <State*>&states[0, 0] + state_offset if states.shape[0] > 0 else NULL
+    cdef int typenum = cnp.PyArray_TYPE(x)
+    if sp == NULL:
+        return
+    with nogil:
+        if typenum == cnp.NPY_FLOAT64:
+            run_moments(<const double*>base, sh, st, so, sk, sp, nthreads)
+        elif typenum == cnp.NPY_FLOAT32:
+            run_moments(<const float*>base, sh, st, so, sk, sp, nthreads)
+        elif typenum == cnp.NPY_FLOAT16:
+            run_moments(<const uint16_t*>base, sh, st, so, sk, sp, nthreads)
+        else:
+            with gil:
+                raise TypeError(f"moments_4d: unsupported dtype {x.dtype}")
+
+
+def finalize(double[:, ::1] states, double ddof, double[::1] mean, double[::1] var):
+    """Mean and variance (``M2 / (n - ddof)``) of each state, as float64."""
+    cdef Py_ssize_t i, n = states.shape[0]
+    with nogil:
+        for i in range(n):
+            state_finalize(<State*>&states[i, 0], ddof, &mean[i], &var[i])
+
+
+def merge_states(double[:, ::1] a, const double[:, ::1] b):
+    """Merge each state of ``b`` into the same row of ``a`` (Chan's formula)."""
+    cdef Py_ssize_t i, n = a.shape[0]
+    if b.shape[0] != n:
+        raise ValueError("merge_states: shapes differ")
+    with nogil:
+        for i in range(n):
+            state_merge(<State*>&a[i, 0], <const State*>&b[i, 0])
