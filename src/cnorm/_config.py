@@ -161,11 +161,33 @@ except ImportError:  # pragma: no cover - source checkout without a build
     HAVE_EXTENSION = False
 
 
-def kernels_for_isa(name: str):
-    """The kernel module compiled for one ISA level (for tests and benchmarks)."""
+def kernels_for_isa(name: str, family: str = "_kernels"):
+    """A kernel module (``family`` = '_kernels', '_apply' or '_backward')
+    compiled for one ISA level (for tests and benchmarks)."""
     if name not in isa_runnable:
         raise ValueError(f"isa={name!r} is not runnable here; runnable: {isa_runnable}")
-    return importlib.import_module(_ISA_MODULES[name])
+    return importlib.import_module(_ISA_MODULES[name].replace("_kernels", family))
+
+
+_families: dict = {}
+
+
+def family(name: str):
+    """The selected-ISA copy of a kernel module family ('_apply', '_backward', ...)."""
+    if name == "_kernels":
+        return kernels
+    mod = _families.get((name, isa_selected))
+    if mod is None:
+        mod = importlib.import_module(_ISA_MODULES[isa_selected].replace("_kernels", name))
+        _families[(name, isa_selected)] = mod
+    return mod
+
+
+def use_isa(name: str) -> None:
+    """Switch every kernel family to one runnable ISA path (tests and benchmarks)."""
+    global kernels, isa_selected
+    kernels = kernels_for_isa(name)
+    isa_selected = name
 
 
 def have_numba() -> bool:

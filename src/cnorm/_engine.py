@@ -28,6 +28,25 @@ def backend_module(backend: str):
     return _reference
 
 
+class _StridedView:
+    """Exposes x's memory from a byte offset with given shape/strides (keeps x alive)."""
+
+    def __init__(self, x, offset, shape, strides, typestr):
+        self._keep = x
+        ptr = x.__array_interface__["data"][0] + offset
+        self.__array_interface__ = {"version": 3, "data": (ptr, True), "shape": tuple(shape),
+                                    "strides": tuple(strides), "typestr": typestr}
+
+
+def strided_view(x: np.ndarray, offset: int, shape, strides, as_bits: bool = False) -> np.ndarray:
+    """Read-only view of ``x``'s memory starting ``offset`` bytes after its data pointer.
+
+    ``as_bits`` views float16 as uint16 (how the Numba kernels read halves).
+    """
+    typestr = "<u2" if (as_bits and x.dtype == np.float16) else x.dtype.str
+    return np.asarray(_StridedView(x, offset, shape, strides, typestr))
+
+
 def empty_states(shape) -> np.ndarray:
     return np.zeros(tuple(shape) + (STATE_WIDTH,), dtype=np.float64)
 
@@ -67,14 +86,15 @@ def reduce_states(x: np.ndarray, red_axes, *, backend: str, nthreads: int,
     plan = plan_reduction(x.shape, x.strides, red, sstrides)
     if plan.shape[0] * plan.shape[1] * plan.shape[2] * plan.shape[3] == 0 and not plan.outer:
         return states
-    if not plan.outer:
-        mod.moments_4d(x, plan.offset, plan.shape, plan.strides, plan.so, plan.sk, flat, 0, nthreads)
-        return states
     sizes = [d[0] for d in plan.outer]
     for idx in np.ndindex(*sizes):
         off = plan.offset + sum(i * d[1] for i, d in zip(idx, plan.outer))
         soff = sum(i * d[2] for i, d in zip(idx, plan.outer))
-        mod.moments_4d(x, off, plan.shape, plan.strides, plan.so, plan.sk, flat, soff, nthreads)
+        if backend == "numba":
+            view = strided_view(x, off, plan.shape, plan.strides, as_bits=True)
+            mod.moments_4d(view, x.dtype == np.float16, plan.so, plan.sk, flat, soff, nthreads)
+        else:
+            mod.moments_4d(x, off, plan.shape, plan.strides, plan.so, plan.sk, flat, soff, nthreads)
     return states
 
 

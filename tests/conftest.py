@@ -1,0 +1,52 @@
+"""Shared fixtures: backends, ISA paths, dtypes, seeded RNG, optional deps.
+
+Optional dependencies (torch, sklearn, dask, ml_dtypes, numba) are loaded
+with :func:`require`: locally a missing one skips the test, but with
+``CNORM_REQUIRE_ALL=1`` (set by ``.ci/run``) it fails, so CI can never pass by
+skipping.
+"""
+import importlib
+import os
+
+import numpy as np
+import pytest
+
+from cnorm import _config
+
+BACKENDS = ["cython", "numba", "numpy"]
+DTYPES = [np.float16, np.float32, np.float64]
+
+
+def require(module: str):
+    """Import an optional dependency; skip without it, unless CNORM_REQUIRE_ALL=1."""
+    if os.environ.get("CNORM_REQUIRE_ALL") == "1":
+        return importlib.import_module(module)
+    return pytest.importorskip(module)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    if request.param == "numba":
+        require("numba")
+    return request.param
+
+
+@pytest.fixture(params=_config.isa_runnable or ["none"])
+def isa(request):
+    """Run the test on one ISA path of the Cython kernels, then restore the default."""
+    if request.param == "none":
+        pytest.skip("no compiled kernels")
+    previous = _config.isa_selected
+    _config.use_isa(request.param)
+    yield request.param
+    _config.use_isa(previous)
+
+
+@pytest.fixture(params=DTYPES, ids=lambda d: np.dtype(d).name)
+def dtype(request):
+    return np.dtype(request.param)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(20261125)
