@@ -107,3 +107,44 @@ def plan_reduction(shape, strides, red_axes, state_strides) -> Plan:
                 tuple(slots[n][0] for n in names),
                 tuple(slots[n][1] for n in names),
                 slots["O"][2], slots["K"][2], outer)
+
+
+@dataclass
+class ElementwisePlan:
+    """A 4-d loop over arrays of one shape: dims 0-2 outer, dim 3 the inner row."""
+    shape: tuple
+    strides: list                    # per operand: a 4-tuple of strides
+    outer: list                      # [(size, per-operand strides)], outermost first
+
+
+def layout_order(shape, strides):
+    """Axes from the largest to the smallest |stride| (size-1 axes last)."""
+    return sorted(range(len(shape)),
+                  key=lambda a: (shape[a] == 1, -abs(strides[a])))
+
+
+def plan_elementwise(shape, operand_strides, order=None) -> ElementwisePlan:
+    """Jointly canonicalize operands of one shape (strides in any unit, per operand).
+
+    The loop order follows ``order`` (default: the first operand's strides);
+    size-1 axes are dropped and neighbours merged when every operand allows.
+    """
+    if order is None:
+        order = layout_order(shape, operand_strides[0])
+    dims = [[shape[a], [s[a] for s in operand_strides]] for a in order if shape[a] != 1]
+    merged = []
+    for d in dims:
+        if merged:
+            p = merged[-1]
+            if all(ps == ds * d[0] for ps, ds in zip(p[1], d[1])):
+                p[0] *= d[0]
+                p[1] = list(d[1])
+                continue
+        merged.append([d[0], list(d[1])])
+    nops = len(operand_strides)
+    while len(merged) < 4:
+        merged.insert(0, [1, [0] * nops])
+    outer, inner = merged[:-4], merged[-4:]
+    return ElementwisePlan(tuple(d[0] for d in inner),
+                           [tuple(d[1][k] for d in inner) for k in range(nops)],
+                           [(d[0], d[1]) for d in outer])

@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 
 from . import _config
-from ._axes import plan_reduction
+from ._axes import layout_order, plan_elementwise, plan_reduction
 
 STATE_WIDTH = 5
 
@@ -124,3 +124,96 @@ def merge(a: np.ndarray, b: np.ndarray, backend: str = "cython") -> None:
     fb = np.ascontiguousarray(b.reshape(-1, STATE_WIDTH))
     mod = _config.kernels if _config.HAVE_EXTENSION else backend_module(backend)
     mod.merge_states(fa, fb)
+
+
+# ------------------------------------------------------------------ normalization pass
+ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
+
+
+def _follow(a: np.ndarray, order) -> np.ndarray:
+    """Copy a small array so its memory order follows ``order`` (outermost first)."""
+    inv = np.argsort(order)
+    return np.ascontiguousarray(np.transpose(a, order)).transpose(inv)
+
+
+def _elem_strides(a: np.ndarray, shape) -> tuple:
+    b = np.broadcast_to(a, shape)
+    return tuple(s // 8 for s in b.strides)
+
+
+def activation_ref(v: np.ndarray, act: int) -> np.ndarray:
+    """The fused activations in float64 NumPy (numpy backend and tests)."""
+    if act == 1:
+        return np.where(v < 0, 0.0, v)
+    if act == 2:
+        from math import erf
+        return 0.5 * v * (1.0 + np.vectorize(erf, otypes=[float])(v * 0.7071067811865476))
+    if act == 3:
+        return 0.5 * v * (1.0 + np.tanh(0.7978845608028654 * (v + 0.044715 * v * v * v)))
+    if act == 4:
+        with np.errstate(over="ignore"):
+            return v / (1.0 + np.exp(-v))
+    return v
+
+
+def apply(x: np.ndarray, y: np.ndarray, mh, ml, rs, w, b, act: int, *, backend: str,
+          nthreads: int) -> None:
+    """``y = act((((x - mh) - ml) * rs) * w + b)`` elementwise, one pass.
+
+    ``mh``, ``ml``, ``rs`` (statistics) and ``w``, ``b`` (parameters) are
+    float64 arrays with ``x.ndim`` dims broadcastable to ``x.shape``.  ``y``
+    has x's shape and dtype; it may be ``x`` itself.
+    """
+    if backend == "numpy":
+        with np.errstate(invalid="ignore", over="ignore"):
+            v = (((x.astype(np.float64) - mh) - ml) * rs) * w + b
+            y[...] = activation_ref(v, act)
+        return
+    if x.size == 0:
+        return
+    if x.ndim == 0:
+        one = (lambda a: np.asarray(a, dtype=np.float64).reshape(1))
+        return apply(x.reshape(1), y.reshape(1), one(mh), one(ml), one(rs), one(w), one(b), act,
+                     backend=backend, nthreads=nthreads)
+    if y is not x and np.shares_memory(x, y) and (x.strides != y.strides or
+                                                  x.__array_interface__["data"][0]
+                                                  != y.__array_interface__["data"][0]):
+        x = x.copy()
+    order = layout_order(y.shape, y.strides)
+
+    def full_rank(a):
+        a = np.asarray(a, dtype=np.float64)
+        return a.reshape((1,) * (x.ndim - a.ndim) + a.shape)
+
+    stats = [_follow(full_rank(a), order) for a in (mh, ml, rs)]
+    params = [_follow(full_rank(a), order) for a in (w, b)]
+    ss = _elem_strides(stats[0], x.shape)
+    if any(_elem_strides(a, x.shape) != ss for a in stats[1:]):
+        sshape = np.broadcast_shapes(*(a.shape for a in stats))
+        stats = [np.ascontiguousarray(np.broadcast_to(a, sshape)) for a in stats]
+        stats = [_follow(a, order) for a in stats]
+        ss = _elem_strides(stats[0], x.shape)
+    pshape = np.broadcast_shapes(params[0].shape, params[1].shape)
+    params = [_follow(np.ascontiguousarray(np.broadcast_to(a, pshape)), order) for a in params]
+    ps = _elem_strides(params[0], x.shape)
+    plan = plan_elementwise(x.shape, [x.strides, y.strides, ss, ps], order)
+    flat_s = [a.reshape(-1) if a.flags.c_contiguous else a.ravel(order="K") for a in stats]
+    flat_p = [a.reshape(-1) if a.flags.c_contiguous else a.ravel(order="K") for a in params]
+    # the element offsets of index 0 inside the flattened stats/params
+    s0 = _base_offset(stats[0], flat_s[0])
+    p0 = _base_offset(params[0], flat_p[0])
+    mod = _config.family("_apply") if backend == "cython" else backend_module(backend)
+    for idx in np.ndindex(*[d[0] for d in plan.outer]):
+        offs = [sum(i * d[1][k] for i, d in zip(idx, plan.outer)) for k in range(4)]
+        mod.apply_4d(x, offs[0], y, offs[1], flat_s[0], flat_s[1], flat_s[2], s0 + offs[2],
+                     flat_p[0], flat_p[1], p0 + offs[3], plan.shape, plan.strides[0],
+                     plan.strides[1], plan.strides[2], plan.strides[3], act, nthreads)
+
+
+def _base_offset(view: np.ndarray, flat: np.ndarray) -> int:
+    """Element offset of view[0, ..., 0] inside the 1-d array ``flat`` sharing its memory."""
+    a = view.__array_interface__["data"][0]
+    f = flat.__array_interface__["data"][0]
+    if not np.shares_memory(view, flat):
+        raise AssertionError("stat/param views must share memory with their flat arrays")
+    return (a - f) // 8

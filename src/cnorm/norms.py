@@ -1,0 +1,445 @@
+"""Normalization layers, forward: layer_norm, rms_norm, batch_norm, group_norm, instance_norm.
+
+Every layer is the same four steps:
+
+1. canonicalize the statistics axes (``_axes``),
+2. moments states over them (``_engine.reduce_states``: Welford/Chan in
+   float64 / double-double),
+3. finalize per slice: ``mean`` (double-double) and ``rstd = 1/sqrt(var + eps)``,
+4. one apply pass (``_engine.apply``) that centres, scales, applies the affine
+   and the activation and converts back to the input dtype.
+
+Semantics follow ``torch.nn.functional`` (biased variance for normalization,
+``eps`` inside the square root, running statistics updated with the unbiased
+variance); numbers are more accurate than PyTorch's, not less.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _config, _engine
+from ._axes import normalize_axes
+from ._validate import (BFLOAT16, as_float_array, check_bool, check_out, check_real)
+
+__all__ = ["layer_norm", "rms_norm", "batch_norm", "group_norm", "instance_norm"]
+
+# ------------------------------------------------------------------ shared checks
+
+
+def _check_activation(activation, fn):
+    if activation not in _engine.ACTIVATIONS or isinstance(activation, bool):
+        raise ValueError(f"{fn}: activation must be one of {list(_engine.ACTIVATIONS)}, "
+                         f"got {activation!r}")
+    return _engine.ACTIVATIONS[activation]
+
+
+def _check_eps(eps, fn):
+    return check_real(eps, "eps", fn, minimum=0.0)
+
+
+def _param(p, shape, name, fn):
+    """A weight/bias/running-stat argument as a float64 array of exactly ``shape``."""
+    if p is None:
+        return None
+    a = np.asarray(p)
+    if a.dtype.kind not in "iuf" and not (BFLOAT16 is not None and a.dtype == BFLOAT16):
+        raise TypeError(f"{fn}: {name} must be a real floating array, got dtype {a.dtype}")
+    if a.shape != tuple(shape):
+        raise ValueError(f"{fn}: {name} has shape {a.shape}, expected {tuple(shape)}")
+    return a.astype(np.float64)
+
+
+def _running(p, shape, name, fn):
+    """Running statistics are updated in place: a writeable float ndarray of ``shape``."""
+    if p is None:
+        return None
+    if not isinstance(p, np.ndarray):
+        raise TypeError(f"{fn}: {name} must be a numpy.ndarray (it is updated in place), "
+                        f"got {type(p).__name__}")
+    if p.dtype.kind != "f":
+        raise TypeError(f"{fn}: {name} must have a floating dtype, got {p.dtype}")
+    if p.shape != tuple(shape):
+        raise ValueError(f"{fn}: {name} has shape {p.shape}, expected {tuple(shape)}")
+    return p
+
+
+def _prepare(x, out, fn, backend, num_threads, activation, return_stats):
+    """Common validation; returns (xa, result dtype, act code, backend)."""
+    xa, rdt = as_float_array(x, "x", fn)
+    act = _check_activation(activation, fn)
+    backend = _config.resolve_backend(backend)
+    _config.resolve_threads(num_threads)
+    check_bool(return_stats, "return_stats", fn)
+    if out is not None:
+        check_out(out, xa.shape, rdt, "out", fn)
+    return xa, rdt, act, backend
+
+
+def _output(xa, rdt, out):
+    if out is not None:
+        return out
+    if rdt != xa.dtype:  # bfloat16 computed from a float32 copy
+        return np.empty(xa.shape, dtype=xa.dtype)
+    return np.empty_like(xa, order="K")
+
+
+def _finish(xa, y, rdt, out):
+    if out is None and rdt != xa.dtype:
+        return y.astype(rdt)
+    if out is not None and out.dtype != y.dtype:
+        out[...] = y
+        return out
+    return y
+
+
+def _rstd(var, eps):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return 1.0 / np.sqrt(var + eps)
+
+
+def _states_stats(xa, axes, backend, nthreads):
+    """(states, mean_hi, mean_lo, biased var, count) over ``axes``, keepdims shapes."""
+    states = _engine.reduce_states(xa, axes, backend=backend, nthreads=nthreads)
+    keep = tuple(1 if i in axes else s for i, s in enumerate(xa.shape))
+    mh = states[..., 1].reshape(keep)
+    ml = states[..., 2].reshape(keep)
+    n = states[..., 0].reshape(keep)
+    from ._reference import dd_div
+    with np.errstate(invalid="ignore", divide="ignore"):
+        var, _ = dd_div(states[..., 3], states[..., 4], np.where(states[..., 0] > 0, states[..., 0], 1.0))
+    var = np.where(np.isnan(states[..., 3]), np.nan, np.maximum(var, 0.0)).reshape(keep)
+    return states, mh, ml, var, n
+
+
+def _mean(mh, ml):
+    return np.where(np.isfinite(mh), mh + ml, mh)
+
+
+def _run(xa, y, mh, ml, rs, w, b, act, backend, nthreads):
+    _engine.apply(xa, y, mh, ml, rs, 1.0 if w is None else w, 0.0 if b is None else b, act,
+                  backend=backend, nthreads=nthreads)
+
+
+def _expand(p, axis_positions, ndim):
+    """Reshape a parameter laid out over ``axis_positions`` to broadcast against x."""
+    if p is None:
+        return None
+    shape = [1] * ndim
+    for ax, n in zip(axis_positions, p.shape):
+        shape[ax] = n
+    return p.reshape(shape)
+
+
+# ------------------------------------------------------------------ layer_norm
+def layer_norm(x, axis=-1, weight=None, bias=None, *, eps=1e-5, activation=None, out=None,
+               return_stats=False, backend="auto", num_threads=None):
+    """Layer normalization over the axes ``axis`` (the normalized axes).
+
+    ``y = act((x - mean) / sqrt(var + eps) * weight + bias)`` with mean and
+    biased variance over ``axis``, like ``torch.nn.functional.layer_norm``
+    (whose normalized axes are the trailing ones; here any axes).
+
+    Parameters
+    ----------
+    x : array_like
+        float16/float32/float64 (kept), integers → float64.
+    axis : int or tuple of int
+        The normalized axes.
+    weight, bias : array_like, optional
+        Shape of the normalized axes in the array's own axis order.
+    eps : float
+        Added to the variance inside the square root (as float64).
+    activation : {None, 'relu', 'gelu', 'gelu_tanh', 'silu'}
+        Applied after the affine, in the same pass.
+    out : ndarray, optional
+        Output of x's shape and dtype; may be ``x`` itself.
+    return_stats : bool
+        Also return float64 ``mean`` and ``rstd`` with keepdims shapes.
+    backend, num_threads
+        See :func:`cnorm.moments`.
+
+    Returns
+    -------
+    y or (y, mean, rstd)
+
+    Notes
+    -----
+    Statistics: Welford/Chan moments (float64 accumulation for float16/32,
+    double-double for float64); the output is computed in float64 from the
+    double-double mean and rounded once, within 1 ulp (float16/32) / 4 ulp
+    (float64) of the exact normalized value at any offset.
+
+    Examples
+    --------
+    >>> import numpy as np, cnorm
+    >>> cnorm.layer_norm(np.array([[1., 2., 3.]]), eps=0.0)
+    array([[-1.22474487,  0.        ,  1.22474487]])
+    """
+    fn = "layer_norm"
+    xa, rdt, act, backend = _prepare(x, out, fn, backend, num_threads, activation, return_stats)
+    axes = normalize_axes(axis, xa.ndim)
+    eps = _check_eps(eps, fn)
+    pshape = tuple(xa.shape[a] for a in axes)
+    w = _expand(_param(weight, pshape, "weight", fn), axes, xa.ndim)
+    b = _expand(_param(bias, pshape, "bias", fn), axes, xa.ndim)
+    with _config.call_slot(num_threads) as nt:
+        _, mh, ml, var, _ = _states_stats(xa, axes, backend, nt)
+        rs = _rstd(var, eps)
+        y = _output(xa, rdt, out)
+        _run(xa, y, mh, ml, rs, w, b, act, backend, nt)
+    y = _finish(xa, y, rdt, out)
+    return (y, _mean(mh, ml), rs) if return_stats else y
+
+
+# ------------------------------------------------------------------ rms_norm
+def _default_rms_eps(dt):
+    if BFLOAT16 is not None and dt == BFLOAT16:
+        import ml_dtypes
+        return float(ml_dtypes.finfo(dt).eps)
+    return float(np.finfo(dt).eps)
+
+
+def rms_norm(x, axis=-1, weight=None, *, eps=None, activation=None, out=None,
+             return_stats=False, backend="auto", num_threads=None):
+    """RMS normalization: ``y = act(x / sqrt(mean(x**2) + eps) * weight)``.
+
+    Parameters
+    ----------
+    x, axis, weight, activation, out, backend, num_threads
+        As in :func:`layer_norm`.
+    eps : float, optional
+        ``None`` means the machine epsilon of the output dtype (PyTorch's rule).
+    return_stats : bool
+        Also return float64 ``rstd`` (keepdims shape).
+
+    Returns
+    -------
+    y or (y, rstd)
+
+    Notes
+    -----
+    ``mean(x**2) = var + mean**2`` from the same double-double states as the
+    other layers, so it is accurate for any data.
+    """
+    fn = "rms_norm"
+    xa, rdt, act, backend = _prepare(x, out, fn, backend, num_threads, activation, return_stats)
+    axes = normalize_axes(axis, xa.ndim)
+    eps = _default_rms_eps(rdt) if eps is None else _check_eps(eps, fn)
+    pshape = tuple(xa.shape[a] for a in axes)
+    w = _expand(_param(weight, pshape, "weight", fn), axes, xa.ndim)
+    with _config.call_slot(num_threads) as nt:
+        states, mh, ml, var, _ = _states_stats(xa, axes, backend, nt)
+        with np.errstate(over="ignore", invalid="ignore"):
+            ms = var + mh * mh + 2.0 * mh * ml
+        rs = _rstd(ms, eps)
+        zero = np.zeros((1,) * xa.ndim)
+        y = _output(xa, rdt, out)
+        _run(xa, y, zero, zero, rs, w, None, act, backend, nt)
+    y = _finish(xa, y, rdt, out)
+    return (y, rs) if return_stats else y
+
+
+# ------------------------------------------------------------------ batch_norm
+def _channel_axis(axis, ndim, fn):
+    if ndim < 2:
+        raise ValueError(f"{fn}: x must have at least 2 dimensions (batch and channels), "
+                         f"got shape with ndim={ndim}")
+    (a,) = normalize_axes(axis, ndim) if not isinstance(axis, (tuple, list)) else (None,)
+    if a is None:
+        raise TypeError(f"{fn}: axis must be a single int (the channel axis), got {axis!r}")
+    return a
+
+
+def _check_momentum(momentum, fn):
+    if momentum is None:
+        raise ValueError(f"{fn}: momentum=None (cumulative average) is only supported by the "
+                         f"layer objects; pass a float in [0, 1]")
+    return check_real(momentum, "momentum", fn, minimum=0.0, maximum=1.0)
+
+
+def _update_running(running_mean, running_var, mean, var_unbiased, momentum):
+    """PyTorch's rule: r = (1 - m) * r + m * batch statistic (in the running dtype)."""
+    if running_mean is not None:
+        running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
+    if running_var is not None:
+        running_var[...] = (1.0 - momentum) * running_var + momentum * var_unbiased
+
+
+def batch_norm(x, weight=None, bias=None, *, axis=1, running_mean=None, running_var=None,
+               training=True, momentum=0.1, eps=1e-5, activation=None, out=None,
+               return_stats=False, backend="auto", num_threads=None):
+    """Batch normalization with statistics per channel over all other axes.
+
+    Parameters
+    ----------
+    x : array_like
+        ``(N, C, ...)`` with ``axis=1`` (NCHW) or ``(N, ..., C)`` with ``axis=-1``.
+    weight, bias : array_like, optional
+        Shape ``(C,)``.
+    axis : int
+        The channel axis.
+    running_mean, running_var : ndarray, optional
+        Shape ``(C,)``, updated in place in training mode
+        (``r = (1-momentum)*r + momentum*stat``, unbiased variance), used in eval mode.
+    training : bool
+        Batch statistics (True) or running statistics (False; both required).
+    momentum : float in [0, 1]
+    eps, activation, out, return_stats, backend, num_threads
+        As in :func:`layer_norm`; in eval mode the returned stats are the
+        running ones used.
+
+    Returns
+    -------
+    y or (y, mean, rstd)
+    """
+    fn = "batch_norm"
+    xa, rdt, act, backend = _prepare(x, out, fn, backend, num_threads, activation, return_stats)
+    training = check_bool(training, "training", fn)
+    c_ax = _channel_axis(axis, xa.ndim, fn)
+    C = xa.shape[c_ax]
+    eps = _check_eps(eps, fn)
+    momentum = _check_momentum(momentum, fn)
+    w = _expand(_param(weight, (C,), "weight", fn), (c_ax,), xa.ndim)
+    b = _expand(_param(bias, (C,), "bias", fn), (c_ax,), xa.ndim)
+    rm = _running(running_mean, (C,), "running_mean", fn)
+    rv = _running(running_var, (C,), "running_var", fn)
+    axes = tuple(a for a in range(xa.ndim) if a != c_ax)
+    keep = tuple(C if i == c_ax else 1 for i in range(xa.ndim))
+    if training:
+        n = int(np.prod([xa.shape[a] for a in axes]))
+        if n <= 1:
+            raise ValueError(f"{fn}: expected more than 1 value per channel when training, "
+                             f"got input of shape {xa.shape}")
+        for name, r in (("running_mean", rm), ("running_var", rv)):
+            if r is not None and not r.flags.writeable:
+                raise ValueError(f"{fn}: {name} is read-only (it is updated in place)")
+    elif rm is None or rv is None:
+        raise ValueError(f"{fn}: eval mode (training=False) needs running_mean and running_var")
+    with _config.call_slot(num_threads) as nt:
+        if training:
+            _, mh, ml, var, cnt = _states_stats(xa, axes, backend, nt)
+        else:
+            mh = rm.astype(np.float64).reshape(keep)
+            ml = np.zeros(keep)
+            var = rv.astype(np.float64).reshape(keep)
+        rs = _rstd(var, eps)
+        y = _output(xa, rdt, out)
+        _run(xa, y, mh, ml, rs, w, b, act, backend, nt)
+    if training:
+        mean = _mean(mh, ml).reshape(C)
+        _update_running(rm, rv, mean, var.reshape(C) * (n / (n - 1)), momentum)
+    y = _finish(xa, y, rdt, out)
+    return (y, _mean(mh, ml), rs) if return_stats else y
+
+
+# ------------------------------------------------------------------ instance_norm
+def instance_norm(x, weight=None, bias=None, *, axis=1, running_mean=None, running_var=None,
+                  training=True, momentum=0.1, eps=1e-5, activation=None, out=None,
+                  return_stats=False, backend="auto", num_threads=None):
+    """Instance normalization: statistics per (sample, channel) over the other axes.
+
+    Axis 0 is the batch, ``axis`` the channel axis.  Running statistics (when
+    given) follow PyTorch: ``(1-m)*r + m*`` the batch average of the
+    per-instance mean / unbiased variance, updated in training mode and used
+    (broadcast over the batch) in eval mode.
+
+    Returns
+    -------
+    y or (y, mean, rstd)  (stats with shape ``(N, C, 1, ...)``)
+    """
+    fn = "instance_norm"
+    xa, rdt, act, backend = _prepare(x, out, fn, backend, num_threads, activation, return_stats)
+    training = check_bool(training, "training", fn)
+    c_ax = _channel_axis(axis, xa.ndim, fn)
+    if c_ax == 0:
+        raise ValueError(f"{fn}: axis 0 is the batch axis; the channel axis must differ, got {axis!r}")
+    C = xa.shape[c_ax]
+    eps = _check_eps(eps, fn)
+    momentum = _check_momentum(momentum, fn)
+    w = _expand(_param(weight, (C,), "weight", fn), (c_ax,), xa.ndim)
+    b = _expand(_param(bias, (C,), "bias", fn), (c_ax,), xa.ndim)
+    rm = _running(running_mean, (C,), "running_mean", fn)
+    rv = _running(running_var, (C,), "running_var", fn)
+    axes = tuple(a for a in range(xa.ndim) if a not in (0, c_ax))
+    n = int(np.prod([xa.shape[a] for a in axes]))
+    if training:
+        if (rm is not None or rv is not None) and n <= 1:
+            raise ValueError(f"{fn}: expected more than 1 spatial element when training, "
+                             f"got input of shape {xa.shape}")
+        for name, r in (("running_mean", rm), ("running_var", rv)):
+            if r is not None and not r.flags.writeable:
+                raise ValueError(f"{fn}: {name} is read-only (it is updated in place)")
+    elif rm is None or rv is None:
+        raise ValueError(f"{fn}: eval mode (training=False) needs running_mean and running_var")
+    keep_c = tuple(C if i == c_ax else 1 for i in range(xa.ndim))
+    with _config.call_slot(num_threads) as nt:
+        if training:
+            _, mh, ml, var, _ = _states_stats(xa, axes, backend, nt)
+        else:
+            mh = np.broadcast_to(rm.astype(np.float64).reshape(keep_c),
+                                 tuple(xa.shape[i] if i in (0, c_ax) else 1 for i in range(xa.ndim)))
+            ml = np.zeros((1,) * xa.ndim)
+            var = np.broadcast_to(rv.astype(np.float64).reshape(keep_c), mh.shape)
+        rs = _rstd(var, eps)
+        y = _output(xa, rdt, out)
+        _run(xa, y, mh, ml, rs, w, b, act, backend, nt)
+    if training and (rm is not None or rv is not None):
+        mean_c = _mean(mh, ml).mean(axis=0).reshape(C)
+        var_c = (var * (n / (n - 1))).mean(axis=0).reshape(C)
+        _update_running(rm, rv, mean_c, var_c, momentum)
+    y = _finish(xa, y, rdt, out)
+    if return_stats:
+        return y, np.ascontiguousarray(_mean(mh, ml)), np.ascontiguousarray(rs)
+    return y
+
+
+# ------------------------------------------------------------------ group_norm
+def group_norm(x, num_groups, weight=None, bias=None, *, axis=1, eps=1e-5, activation=None,
+               out=None, return_stats=False, backend="auto", num_threads=None):
+    """Group normalization: statistics per (sample, group of channels).
+
+    Axis 0 is the batch and ``axis`` the channel axis, split into
+    ``num_groups`` consecutive groups; statistics over each group's channels
+    and all other axes.  ``weight``/``bias`` have shape ``(C,)``.
+
+    Returns
+    -------
+    y or (y, mean, rstd)  (stats with shape ``(N, num_groups)``)
+    """
+    fn = "group_norm"
+    xa, rdt, act, backend = _prepare(x, out, fn, backend, num_threads, activation, return_stats)
+    c_ax = _channel_axis(axis, xa.ndim, fn)
+    if c_ax == 0:
+        raise ValueError(f"{fn}: axis 0 is the batch axis; the channel axis must differ, got {axis!r}")
+    C = xa.shape[c_ax]
+    if isinstance(num_groups, (bool, np.bool_)) or not isinstance(num_groups, (int, np.integer)):
+        raise TypeError(f"{fn}: num_groups must be a positive int, got {num_groups!r}")
+    G = int(num_groups)
+    if G <= 0:
+        raise ValueError(f"{fn}: num_groups must be a positive int, got {num_groups!r}")
+    if C % G:
+        raise ValueError(f"{fn}: num_groups={G} does not divide the {C} channels on axis {c_ax}")
+    eps = _check_eps(eps, fn)
+    w = _param(weight, (C,), "weight", fn)
+    b = _param(bias, (C,), "bias", fn)
+    # split the channel axis into (G, C//G): always a view
+    gshape = xa.shape[:c_ax] + (G, C // G) + xa.shape[c_ax + 1:]
+    gstrides = xa.strides[:c_ax] + (xa.strides[c_ax] * (C // G), xa.strides[c_ax]) + xa.strides[c_ax + 1:]
+    xg = np.lib.stride_tricks.as_strided(xa, gshape, gstrides, writeable=False)
+    axes = tuple(a for a in range(xg.ndim) if a not in (0, c_ax))
+    wg = _expand(None if w is None else w.reshape(G, C // G), (c_ax, c_ax + 1), xg.ndim)
+    bg = _expand(None if b is None else b.reshape(G, C // G), (c_ax, c_ax + 1), xg.ndim)
+    with _config.call_slot(num_threads) as nt:
+        _, mh, ml, var, _ = _states_stats(xg, axes, backend, nt)
+        rs = _rstd(var, eps)
+        y = _output(xa, rdt, out)
+        yg = np.lib.stride_tricks.as_strided(
+            y, gshape, y.strides[:c_ax] + (y.strides[c_ax] * (C // G), y.strides[c_ax]) + y.strides[c_ax + 1:])
+        if y is xa or (out is not None and out is x):
+            xg = yg
+        _run(xg, yg, mh, ml, rs, wg, bg, act, backend, nt)
+    y = _finish(xa, y, rdt, out)
+    if return_stats:
+        N = xa.shape[0]
+        return y, _mean(mh, ml).reshape(N, G), rs.reshape(N, G)
+    return y
