@@ -41,7 +41,7 @@ cdef extern from "_simd.h" nogil:
     int cn_cpu_level()
 
 DEF LANES = 16          # independent accumulators per block (two AVX-512 vectors of doubles)
-DEF BLOCK = 2048        # elements per block: read twice while in L1
+DEF BLOCK = 4096        # elements per block (one shift c per block)
 DEF CHUNK_BLOCKS = 64   # blocks per chunk: the unit of parallel work along a slice
 DEF TILE = 128          # columns per tile in the column kernel
 DEF SERIAL_WORK = 32768 # below this many elements, never start threads
@@ -190,6 +190,49 @@ cdef inline void block_state(double n, double c, double s1h, double s1l,
         out.qh = NAN
 
 
+cdef inline void block_state_d(double n, double c, double s1, double s2, State* out) noexcept nogil:
+    """block_state in plain float64: enough for float16/float32 inputs."""
+    out.n = n
+    out.ml = 0.0
+    out.ql = 0.0
+    if not isfinite(c):
+        out.mh = c
+        out.qh = NAN
+        return
+    out.mh = c + s1 / n
+    out.qh = s2 - s1 * (s1 / n)
+    if out.qh < 0:
+        out.qh = 0.0
+
+
+cdef inline void state_merge_d(State* a, const State* b) noexcept nogil:
+    """Chan's merge in plain float64 (float16/float32 partial states, lo parts zero)."""
+    cdef double n, delta
+    if b.n == 0:
+        return
+    if a.n == 0:
+        a[0] = b[0]
+        return
+    n = a.n + b.n
+    if not (isfinite(a.mh) and isfinite(b.mh)):
+        a.mh = a.mh * (a.n / n) + b.mh * (b.n / n)
+        a.qh = NAN
+        a.n = n
+        return
+    delta = b.mh - a.mh
+    a.mh = a.mh + delta * (b.n / n)
+    a.qh = a.qh + b.qh + delta * delta * (a.n * (b.n / n))
+    a.n = n
+
+
+cdef inline void merge_t(State* a, const State* b, const src_t* tag) noexcept nogil:
+    """Merge partial states of one input dtype: double-double for float64 only."""
+    if src_t is double:
+        state_merge(a, b)
+    else:
+        state_merge_d(a, b)
+
+
 # ---------------------------------------------------------------- loads
 cdef inline double ld(const src_t* p) noexcept nogil:
     if src_t is uint16_t:
@@ -198,124 +241,91 @@ cdef inline double ld(const src_t* p) noexcept nogil:
         return <double>p[0]
 
 
-cdef inline void ld16(const src_t* p, double* buf) noexcept nogil:
-    """Sixteen contiguous elements to doubles."""
-    cdef int j
-    if src_t is uint16_t:
-        cn_half8_to_double(p, buf)
-        cn_half8_to_double(p + 8, buf + 8)
-    else:
-        for j in range(16):
-            buf[j] = <double>p[j]
-
-
 # ---------------------------------------------------------------- block kernel
-cdef inline double lane_total(double* acc) noexcept nogil:
-    """Fixed pairwise sum of the 16 lanes."""
-    cdef int j, w = 8
-    while w >= 1:
-        for j in range(w):
-            acc[j] = acc[j] + acc[j + w]
-        w = w // 2
-    return acc[0]
+cdef extern from "_simd.h" nogil:
+    double cn_sum_f16(const uint16_t *p, Py_ssize_t n)
+    double cn_sum_f32(const float *p, Py_ssize_t n)
+    double cn_sum_f64(const double *p, Py_ssize_t n)
+    void cn_centred_f16(const uint16_t *p, Py_ssize_t n, double c, double *s1, double *s2)
+    void cn_centred_f32(const float *p, Py_ssize_t n, double c, double *s1, double *s2)
+    void cn_centred_f64(const double *p, Py_ssize_t n, double c,
+                        double *s1h, double *s1l, double *s2h, double *s2l)
+
+
+cdef inline double row_sum(const src_t* p, Py_ssize_t n) noexcept nogil:
+    """Pass 1 over a contiguous row: plain float64 sum in 16 lanes."""
+    if src_t is uint16_t:
+        return cn_sum_f16(p, n)
+    elif src_t is float:
+        return cn_sum_f32(p, n)
+    else:
+        return cn_sum_f64(p, n)
+
+
+cdef inline void row_centred(const src_t* p, Py_ssize_t n, double c, double* s1h, double* s1l,
+                             double* s2h, double* s2l) noexcept nogil:
+    """Pass 2 over a contiguous row: S1 += sum(x - c), S2 += sum((x - c)**2)."""
+    if src_t is uint16_t:
+        cn_centred_f16(p, n, c, s1h, s2h)
+    elif src_t is float:
+        cn_centred_f32(p, n, c, s1h, s2h)
+    else:
+        cn_centred_f64(p, n, c, s1h, s1l, s2h, s2l)
+
+
+cdef inline void centred_add(double x, double c, double* s1h, double* s1l,
+                             double* s2h, double* s2l) noexcept nogil:
+    """One element of pass 2 in double-double (the scalar twin of cn_centred_f64)."""
+    cdef double d = x - c
+    cdef double bb = d - x
+    cdef double de = (x - (d - bb)) + (-c - bb)
+    cdef double q = d * d
+    dd_add(s1h, s1l, d, de)
+    dd_add(s2h, s2l, q, cn_two_prod_err(d, d, q) + 2.0 * d * de)
 
 
 cdef void block_moments(const src_t* base, Py_ssize_t nrows, Py_ssize_t rowlen,
                         Py_ssize_t rstride, Py_ssize_t estride, State* out) noexcept nogil:
-    """State of the nrows x rowlen block at base (byte strides).
+    """State of the nrows x rowlen block at base (byte strides), in one pass.
 
-    Contiguous rows (estride == itemsize) use the 16-lane path; anything else
-    the scalar path with the same arithmetic.
+    The shift c is the block's first element: since c is one of the block's
+    values, (c - mean)**2 <= n * var, so S2 - S1**2/n cancels at most
+    log2(BLOCK) = 11 bits, which the float64 (double-double for float64 input)
+    sums absorb.  Contiguous rows use the 16-lane loops of _simd.h, strided
+    ones the scalar loop below with the same arithmetic.
     """
-    cdef double sum_[16]
-    cdef double s1h[16]
-    cdef double s1l[16]
-    cdef double s2h[16]
-    cdef double s2l[16]
-    cdef double buf[16]
-    cdef double c, x, d, de, t, bb, e, p2, e2
-    cdef Py_ssize_t r, i, nvec
-    cdef int j
-    cdef const char* row
     cdef double n = <double>(nrows * rowlen)
+    cdef double c = ld(base), x, total
+    cdef double s1h = 0.0, s1l = 0.0, s2h = 0.0, s2l = 0.0
+    cdef Py_ssize_t r, i
+    cdef const char* row
     cdef bint contiguous = estride == sizeof(src_t)
-
-    for j in range(16):
-        sum_[j] = 0.0
-        s1h[j] = 0.0
-        s1l[j] = 0.0
-        s2h[j] = 0.0
-        s2l[j] = 0.0
-    nvec = (rowlen // 16) * 16 if contiguous else 0
-
-    # pass 1: pilot mean
     for r in range(nrows):
         row = <const char*>base + r * rstride
-        for i in range(0, nvec, 16):
-            ld16(<const src_t*>row + i, buf)
-            for j in range(16):
-                sum_[j] = sum_[j] + buf[j]
-        for i in range(nvec, rowlen):
-            sum_[0] = sum_[0] + ld(<const src_t*>(row + i * estride))
-    c = lane_total(sum_) / n
-
-    # pass 2: centred sums
-    for r in range(nrows):
-        row = <const char*>base + r * rstride
-        if src_t is double:
-            for i in range(0, nvec, 16):
-                for j in range(16):
-                    x = (<const double*>row)[i + j]
-                    d = x - c
-                    bb = d - x
-                    de = (x - (d - bb)) + (-c - bb)
-                    t = s1h[j] + d
-                    bb = t - s1h[j]
-                    e = (s1h[j] - (t - bb)) + (d - bb)
-                    s1h[j] = t
-                    s1l[j] = s1l[j] + (e + de)
-                    p2 = d * d
-                    e2 = cn_two_prod_err(d, d, p2) + 2.0 * d * de
-                    t = s2h[j] + p2
-                    bb = t - s2h[j]
-                    e = (s2h[j] - (t - bb)) + (p2 - bb)
-                    s2h[j] = t
-                    s2l[j] = s2l[j] + (e + e2)
-            for i in range(nvec, rowlen):
-                x = (<const double*>(row + i * estride))[0]
-                d = x - c
-                bb = d - x
-                de = (x - (d - bb)) + (-c - bb)
-                t = s1h[0] + d
-                bb = t - s1h[0]
-                e = (s1h[0] - (t - bb)) + (d - bb)
-                s1h[0] = t
-                s1l[0] = s1l[0] + (e + de)
-                p2 = d * d
-                e2 = cn_two_prod_err(d, d, p2) + 2.0 * d * de
-                t = s2h[0] + p2
-                bb = t - s2h[0]
-                e = (s2h[0] - (t - bb)) + (p2 - bb)
-                s2h[0] = t
-                s2l[0] = s2l[0] + (e + e2)
+        if contiguous:
+            row_centred(<const src_t*>row, rowlen, c, &s1h, &s1l, &s2h, &s2l)
+        elif src_t is double:
+            for i in range(rowlen):
+                centred_add((<const double*>(row + i * estride))[0], c, &s1h, &s1l, &s2h, &s2l)
         else:
-            for i in range(0, nvec, 16):
-                ld16(<const src_t*>row + i, buf)
-                for j in range(16):
-                    d = buf[j] - c
-                    s1h[j] = s1h[j] + d
-                    s2h[j] = s2h[j] + d * d
-            for i in range(nvec, rowlen):
-                d = ld(<const src_t*>(row + i * estride)) - c
-                s1h[0] = s1h[0] + d
-                s2h[0] = s2h[0] + d * d
-
-    # combine the lanes in a fixed order (double-double for every dtype)
-    cdef double S1h = 0.0, S1l = 0.0, S2h = 0.0, S2l = 0.0
-    for j in range(16):
-        dd_add(&S1h, &S1l, s1h[j], s1l[j])
-        dd_add(&S2h, &S2l, s2h[j], s2l[j])
-    block_state(n, c, S1h, S1l, S2h, S2l, out)
+            for i in range(rowlen):
+                x = ld(<const src_t*>(row + i * estride)) - c
+                s1h = s1h + x
+                s2h = s2h + x * x
+    if not (isfinite(s1h) and isfinite(c)):
+        # inf or nan in the block: the mean follows IEEE arithmetic, the spread is undefined
+        total = 0.0
+        for r in range(nrows):
+            row = <const char*>base + r * rstride
+            for i in range(rowlen):
+                total = total + ld(<const src_t*>(row + i * estride))
+        block_state_d(n, total / n, 0.0, 0.0, out)
+        out.qh = NAN
+        return
+    if src_t is double:
+        block_state(n, c, s1h, s1l, s2h, s2l, out)
+    else:
+        block_state_d(n, c, s1h, s2h, out)
 
 
 cdef void moments_1d_f64(const double* x, Py_ssize_t n, Py_ssize_t stride, State* out) noexcept nogil:
@@ -351,14 +361,14 @@ cdef void slice_chunk(const src_t* base, Py_ssize_t nrows, Py_ssize_t rowlen,
             k = (b % per_row) * BLOCK
             block_moments(<const src_t*>(<const char*>base + r * rstride + k * estride),
                           1, min(BLOCK, rowlen - k), 0, estride, &blk)
-            state_merge(out, &blk)
+            merge_t(out, &blk, base)
     else:
         g = BLOCK // rowlen
         for b in range(b0, b1):
             nr = min(g, nrows - b * g)
             block_moments(<const src_t*>(<const char*>base + b * g * rstride),
                           nr, rowlen, rstride, estride, &blk)
-            state_merge(out, &blk)
+            merge_t(out, &blk, base)
 
 
 cdef void rows_kernel(const src_t* x, Py_ssize_t* shape, Py_ssize_t* xs,
@@ -415,16 +425,9 @@ cdef void cols_block(const src_t* base, Py_ssize_t nrows, Py_ssize_t ncols,
         s1l[j] = 0.0
         s2h[j] = 0.0
         s2l[j] = 0.0
-    for r in range(nrows):
-        row = <const char*>base + r * rstride
-        if contiguous:
-            for j in range(ncols):
-                c[j] = c[j] + ld(<const src_t*>row + j)
-        else:
-            for j in range(ncols):
-                c[j] = c[j] + ld(<const src_t*>(row + j * cstride))
+    # the shift is the block's first row (see block_moments)
     for j in range(ncols):
-        c[j] = c[j] / nrows
+        c[j] = ld(<const src_t*>(<const char*>base + j * cstride))
     for r in range(nrows):
         row = <const char*>base + r * rstride
         if src_t is double:
@@ -456,7 +459,16 @@ cdef void cols_block(const src_t* base, Py_ssize_t nrows, Py_ssize_t ncols,
                 s1h[j] = s1h[j] + d
                 s2h[j] = s2h[j] + d * d
     for j in range(ncols):
-        block_state(<double>nrows, c[j], s1h[j], s1l[j], s2h[j], s2l[j], &out[j])
+        if not (isfinite(s1h[j]) and isfinite(c[j])):
+            t = 0.0
+            for r in range(nrows):
+                t = t + ld(<const src_t*>(<const char*>base + r * rstride + j * cstride))
+            block_state_d(<double>nrows, t / nrows, 0.0, 0.0, &out[j])
+            out[j].qh = NAN
+        elif src_t is double:
+            block_state(<double>nrows, c[j], s1h[j], s1l[j], s2h[j], s2l[j], &out[j])
+        else:
+            block_state_d(<double>nrows, c[j], s1h[j], s2h[j], &out[j])
 
 
 cdef void cols_task(const src_t* base, Py_ssize_t R, Py_ssize_t kn, Py_ssize_t rstride,
@@ -473,7 +485,7 @@ cdef void cols_task(const src_t* base, Py_ssize_t R, Py_ssize_t kn, Py_ssize_t r
         cols_block(<const src_t*>(<const char*>base + r0 * rstride),
                    min(brows, R - r0), kn, rstride, cstride, blk)
         for j in range(kn):
-            state_merge(&out[j], &blk[j])
+            merge_t(&out[j], &blk[j], base)
 
 
 cdef void cols_kernel(const src_t* x, Py_ssize_t* shape, Py_ssize_t* xs,

@@ -11,6 +11,7 @@
 #define CNORM_SIMD_H
 #include <stdint.h>
 #include <string.h>
+#include <stddef.h>
 #include <math.h>
 #if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -124,6 +125,172 @@ static inline void cn_double8_to_half(const double *in, uint16_t *p) {
 #else
     for (int j = 0; j < 8; j++) p[j] = cn_float_to_half_sw((float)in[j]);
 #endif
+}
+
+/* ---- the two passes of a contiguous block row (n elements) ----
+ * Sixteen float64 lanes held in two 8-wide GCC vectors (the compiler lowers
+ * them to 2 zmm, 4 ymm or 8 xmm registers depending on the ISA level), combined
+ * by a fixed pairwise tree: results depend only on n and the data, never on
+ * the ISA or the thread.  These are the hot loops of block_moments in
+ * _kernels.pyx. */
+typedef double cn_v8d __attribute__((vector_size(64)));
+typedef float cn_v8f __attribute__((vector_size(32)));
+
+static inline cn_v8d cn_load8_f32(const float *p) {
+    cn_v8f f;
+    memcpy(&f, p, sizeof f);
+    return __builtin_convertvector(f, cn_v8d);
+}
+
+static inline cn_v8d cn_load8_f64(const double *p) {
+    cn_v8d v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline cn_v8d cn_load8_f16(const uint16_t *p) {
+    double buf[8];
+    cn_v8d v;
+    cn_half8_to_double(p, buf);
+    memcpy(&v, buf, sizeof v);
+    return v;
+}
+
+/* the pairwise tree over lanes (a0 = lanes 0-7, a1 = lanes 8-15) */
+static inline double cn_tree16v(cn_v8d a0, cn_v8d a1) {
+    double a[8];
+    cn_v8d s = a0 + a1;
+    memcpy(a, &s, sizeof a);
+    for (int w = 4; w >= 1; w /= 2)
+        for (int j = 0; j < w; j++) a[j] += a[j + w];
+    return a[0];
+}
+
+/* exact error of the lane products a*b - p */
+static inline cn_v8d cn_v8_two_prod_err(cn_v8d a, cn_v8d b, cn_v8d p) {
+#if defined(__AVX512F__)
+    return (cn_v8d)_mm512_fmsub_pd((__m512d)a, (__m512d)b, (__m512d)p);
+#elif defined(__FMA__)
+    double r[8], x[8], y[8], z[8];
+    memcpy(x, &a, 64); memcpy(y, &b, 64); memcpy(z, &p, 64);
+    _mm256_storeu_pd(r, _mm256_fmsub_pd(_mm256_loadu_pd(x), _mm256_loadu_pd(y), _mm256_loadu_pd(z)));
+    _mm256_storeu_pd(r + 4, _mm256_fmsub_pd(_mm256_loadu_pd(x + 4), _mm256_loadu_pd(y + 4),
+                                            _mm256_loadu_pd(z + 4)));
+    cn_v8d out;
+    memcpy(&out, r, 64);
+    return out;
+#else
+    const cn_v8d split = {134217729.0, 134217729.0, 134217729.0, 134217729.0,
+                          134217729.0, 134217729.0, 134217729.0, 134217729.0};
+    cn_v8d t = split * a, ah = t - (t - a), al = a - ah;
+    t = split * b;
+    cn_v8d bh = t - (t - b), bl = b - bh;
+    return ((ah * bh - p) + ah * bl + al * bh) + al * bl;
+#endif
+}
+
+#define CN_DEFINE_ROW(SUFFIX, T, LOAD8, CONV)                                     \
+/* pass 1: plain float64 sum (the pilot mean only needs to be close) */          \
+static inline double cn_sum_##SUFFIX(const T *__restrict p, ptrdiff_t n) {        \
+    cn_v8d a0 = {0}, a1 = {0};                                                   \
+    ptrdiff_t i, nv = n - n % 16;                                                \
+    for (i = 0; i < nv; i += 16) {                                               \
+        a0 += LOAD8(p + i);                                                      \
+        a1 += LOAD8(p + i + 8);                                                  \
+    }                                                                            \
+    double tail = 0.0;                                                           \
+    for (; i < n; i++) tail += CONV(p[i]);                                       \
+    return cn_tree16v(a0, a1) + tail;                                            \
+}                                                                                \
+/* pass 2: S1 += sum(x - c), S2 += sum((x - c)^2) in float64 */                 \
+static inline void cn_centred_##SUFFIX(const T *__restrict p, ptrdiff_t n,        \
+                                       double c, double *s1, double *s2) {       \
+    cn_v8d a0 = {0}, a1 = {0}, q0 = {0}, q1 = {0};                               \
+    cn_v8d cv = {c, c, c, c, c, c, c, c};                                        \
+    ptrdiff_t i, nv = n - n % 16;                                                \
+    for (i = 0; i < nv; i += 16) {                                               \
+        cn_v8d d0 = LOAD8(p + i) - cv, d1 = LOAD8(p + i + 8) - cv;               \
+        a0 += d0;                                                                \
+        a1 += d1;                                                                \
+        q0 += d0 * d0;                                                           \
+        q1 += d1 * d1;                                                           \
+    }                                                                            \
+    double t1 = 0.0, t2 = 0.0;                                                   \
+    for (; i < n; i++) { double d = CONV(p[i]) - c; t1 += d; t2 += d * d; }       \
+    *s1 += cn_tree16v(a0, a1) + t1;                                              \
+    *s2 += cn_tree16v(q0, q1) + t2;                                              \
+}
+
+#define CN_CONV_F(v) ((double)(v))
+#define CN_CONV_H(v) cn_half_to_double(v)
+CN_DEFINE_ROW(f16, uint16_t, cn_load8_f16, CN_CONV_H)
+CN_DEFINE_ROW(f32, float, cn_load8_f32, CN_CONV_F)
+CN_DEFINE_ROW(f64_plain, double, cn_load8_f64, CN_CONV_F)
+#define cn_sum_f64 cn_sum_f64_plain
+
+/* pass 2 (float64): the same sums in double-double.  d = x - c exactly as
+ * d + de (TwoSum); S1 += d and S2 += d^2 (exact product by FMA/Dekker, plus
+ * 2*d*de) accumulated with TwoSum per lane. */
+static inline void cn_two_sum(double a, double b, double *s, double *e) {
+    double ss = a + b, bb = ss - a;
+    *s = ss;
+    *e = (a - (ss - bb)) + (b - bb);
+}
+
+static inline void cn_dd_add(double *h, double *l, double bh, double bl) {
+    double s, e, t;
+    cn_two_sum(*h, bh, &s, &e);
+    e += *l + bl;
+    t = s + e;
+    *l = e - (t - s);
+    *h = t;
+}
+
+#define CN_DD_LANE_STEP(x, h1, l1, h2, l2) do {                                   \
+    cn_v8d d_ = (x) - cv, bb_ = d_ - (x);                                        \
+    cn_v8d de_ = ((x) - (d_ - bb_)) + (-cv - bb_);                               \
+    cn_v8d t_ = h1 + d_, b2_ = t_ - h1;                                          \
+    l1 += ((h1 - (t_ - b2_)) + (d_ - b2_)) + de_;                                \
+    h1 = t_;                                                                     \
+    cn_v8d q_ = d_ * d_;                                                         \
+    cn_v8d qe_ = cn_v8_two_prod_err(d_, d_, q_) + two * d_ * de_;                \
+    t_ = h2 + q_;                                                                \
+    b2_ = t_ - h2;                                                               \
+    l2 += ((h2 - (t_ - b2_)) + (q_ - b2_)) + qe_;                                \
+    h2 = t_;                                                                     \
+} while (0)
+
+static inline void cn_centred_f64(const double *__restrict p, ptrdiff_t n, double c,
+                                  double *s1h, double *s1l, double *s2h, double *s2l) {
+    cn_v8d h1a = {0}, l1a = {0}, h2a = {0}, l2a = {0};
+    cn_v8d h1b = {0}, l1b = {0}, h2b = {0}, l2b = {0};
+    cn_v8d cv = {c, c, c, c, c, c, c, c};
+    cn_v8d two = {2, 2, 2, 2, 2, 2, 2, 2};
+    ptrdiff_t i, nv = n - n % 16;
+    for (i = 0; i < nv; i += 16) {
+        cn_v8d xa = cn_load8_f64(p + i), xb = cn_load8_f64(p + i + 8);
+        CN_DD_LANE_STEP(xa, h1a, l1a, h2a, l2a);
+        CN_DD_LANE_STEP(xb, h1b, l1b, h2b, l2b);
+    }
+    double H1[16], L1[16], H2[16], L2[16];
+    memcpy(H1, &h1a, 64); memcpy(H1 + 8, &h1b, 64);
+    memcpy(L1, &l1a, 64); memcpy(L1 + 8, &l1b, 64);
+    memcpy(H2, &h2a, 64); memcpy(H2 + 8, &h2b, 64);
+    memcpy(L2, &l2a, 64); memcpy(L2 + 8, &l2b, 64);
+    for (; i < n; i++) {  /* tail into lane 0, same arithmetic */
+        double x = p[i], d = x - c, bb = d - x;
+        double de = (x - (d - bb)) + (-c - bb);
+        double q = d * d;
+        cn_dd_add(&H1[0], &L1[0], d, de);
+        cn_dd_add(&H2[0], &L2[0], q, cn_two_prod_err(d, d, q) + 2.0 * d * de);
+    }
+    for (int w = 8; w >= 1; w /= 2)
+        for (int j = 0; j < w; j++) {
+            cn_dd_add(&H1[j], &L1[j], H1[j + w], L1[j + w]);
+            cn_dd_add(&H2[j], &L2[j], H2[j + w], L2[j + w]);
+        }
+    cn_dd_add(s1h, s1l, H1[0], L1[0]);
+    cn_dd_add(s2h, s2l, H2[0], L2[0]);
 }
 
 static inline const char *cn_isa_name(void) { return CN_ISA_NAME; }
