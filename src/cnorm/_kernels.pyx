@@ -25,7 +25,7 @@ which one this copy is.
 """
 from libc.stdint cimport uint16_t
 from libc.stdlib cimport malloc, free
-from libc.math cimport sqrt, isfinite, NAN, INFINITY
+from libc.math cimport sqrt, isfinite, NAN, INFINITY, erf, tanh, exp
 from cython.parallel cimport prange
 cimport numpy as cnp
 
@@ -522,6 +522,125 @@ cdef void cols_kernel(const src_t* x, Py_ssize_t* shape, Py_ssize_t* xs,
                     state_merge(&st, &part[((o * ntiles + tile) * nchunks + ch) * TILE + j])
                 state_merge(&states[o * so + (k0 + j) * sk], &st)
     free(part)
+
+
+# ---------------------------------------------------------------- fused rows: moments + apply
+include "_elementwise.pxi"
+
+DEF MODE_LAYER = 0   # centre by the mean, scale by 1/sqrt(var + eps)
+DEF MODE_RMS = 1     # no centring, scale by 1/sqrt(mean(x**2) + eps)
+
+
+cdef void norm_row(const src_t* x, src_t* y, Py_ssize_t L, Py_ssize_t r, double eps, int mode,
+                   const double* w, const double* b, Py_ssize_t psub, Py_ssize_t pmod,
+                   Py_ssize_t pmul, int act, double* mean_out, double* var_out) noexcept nogil:
+    """Normalize one contiguous row of L elements (row index r).
+
+    Statistics as in moments (blocks of BLOCK, Chan merges); then the row,
+    still in cache, goes through the apply pass.  The parameters of sub-row
+    j (of psub elements) are w[(r % pmod) * pmul + j] when psub > 1, and
+    w[i] per element when psub == 1.
+    """
+    cdef State st
+    cdef double mh, ml, var, vl, rs, ms, zero = 0.0
+    cdef double buf[CHUNK]
+    cdef Py_ssize_t i0, m, j, nsub, pbase
+    slice_chunk(x, 1, L, 0, sizeof(src_t), 0, blocks_in_slice(1, L), &st)
+    if mode == MODE_LAYER:
+        mh = st.mh
+        ml = st.ml
+        if st.qh != st.qh:
+            var = NAN
+        else:
+            dd_div_d(st.qh, st.ql, st.n, &var, &vl)
+            var = var if var > 0 else 0.0
+        mean_out[0] = mh + ml if isfinite(mh) else mh
+        if not isfinite(mh):
+            var = NAN
+    else:
+        # mean(x**2) = M2/n + mean**2
+        dd_div_d(st.qh, st.ql, st.n, &var, &vl)
+        var = var + (st.mh * st.mh + 2.0 * st.mh * st.ml)
+        if st.qh != st.qh or not isfinite(st.mh):
+            var = NAN
+        mh = 0.0
+        ml = 0.0
+        mean_out[0] = 0.0
+    rs = 1.0 / sqrt(var + eps)
+    var_out[0] = var
+    pbase = (r % pmod) * pmul
+    if psub == 1:
+        for i0 in range(0, L, CHUNK):
+            m = min(CHUNK, L - i0)
+            load_chunk(<const char*>(x + i0), sizeof(src_t), m, buf, x)
+            scale_chunk(buf, m, &mh, &ml, &rs, False, w + pbase + i0, b + pbase + i0, True)
+            if act != ACT_NONE:
+                activate(buf, m, act)
+            store_chunk(<char*>(y + i0), sizeof(src_t), m, buf, x)
+    else:
+        nsub = L // psub
+        for j in range(nsub):
+            for i0 in range(0, psub, CHUNK):
+                m = min(CHUNK, psub - i0)
+                load_chunk(<const char*>(x + j * psub + i0), sizeof(src_t), m, buf, x)
+                scale_chunk(buf, m, &mh, &ml, &rs, False, w + pbase + j, b + pbase + j, False)
+                if act != ACT_NONE:
+                    activate(buf, m, act)
+                store_chunk(<char*>(y + j * psub + i0), sizeof(src_t), m, buf, x)
+
+
+cdef void norm_rows_t(const src_t* x, src_t* y, Py_ssize_t R, Py_ssize_t L, Py_ssize_t xrs,
+                      Py_ssize_t yrs, double eps, int mode, const double* w, const double* b,
+                      Py_ssize_t psub, Py_ssize_t pmod, Py_ssize_t pmul, int act,
+                      double* mean, double* var, int nthreads) noexcept nogil:
+    cdef Py_ssize_t r
+    cdef int nt = nthreads if R * L >= SERIAL_WORK and R > 1 else 1
+    if nt == 1:
+        for r in range(R):
+            norm_row(<const src_t*>(<const char*>x + r * xrs), <src_t*>(<char*>y + r * yrs), L, r,
+                     eps, mode, w, b, psub, pmod, pmul, act, &mean[r], &var[r])
+        return
+    for r in prange(R, nogil=True, num_threads=nt, schedule='static'):
+        norm_row(<const src_t*>(<const char*>x + r * xrs), <src_t*>(<char*>y + r * yrs), L, r,
+                 eps, mode, w, b, psub, pmod, pmul, act, &mean[r], &var[r])
+
+
+def norm_rows(cnp.ndarray x, cnp.ndarray y, Py_ssize_t R, Py_ssize_t L, Py_ssize_t xrs,
+              Py_ssize_t yrs, double eps, int mode, const double[::1] w, const double[::1] b,
+              Py_ssize_t psub, Py_ssize_t pmod, Py_ssize_t pmul, int act,
+              double[::1] mean, double[::1] var, int nthreads):
+    """Fused normalization of R contiguous rows of L elements (row strides in bytes).
+
+    ``mode`` 0 = layer norm (centre, 1/sqrt(var + eps)), 1 = RMS norm.
+    Parameters: element i of row r uses ``w[(r % pmod) * pmul + i]`` when
+    ``psub == 1``, and sub-row j (of ``psub`` elements) uses
+    ``w[(r % pmod) * pmul + j]`` otherwise.  Writes the float64 mean and the
+    biased variance (mean of squares for RMS) of every row; the kernel scales
+    by ``1.0 / sqrt(var + eps)``, the same expression callers use for rstd.  x and y have the same dtype and may
+    be the same array.
+    """
+    if x.dtype != y.dtype:
+        raise TypeError("norm_rows: x and y must have the same dtype")
+    if mean.shape[0] < R or var.shape[0] < R:
+        raise ValueError("norm_rows: mean/var too short")
+    if R == 0 or L == 0:
+        return
+    cdef const char* xp = <const char*>cnp.PyArray_DATA(x)
+    cdef char* yp = <char*>cnp.PyArray_DATA(y)
+    cdef int typenum = cnp.PyArray_TYPE(x)
+    with nogil:
+        if typenum == cnp.NPY_FLOAT64:
+            norm_rows_t(<const double*>xp, <double*>yp, R, L, xrs, yrs, eps, mode, &w[0], &b[0],
+                        psub, pmod, pmul, act, &mean[0], &var[0], nthreads)
+        elif typenum == cnp.NPY_FLOAT32:
+            norm_rows_t(<const float*>xp, <float*>yp, R, L, xrs, yrs, eps, mode, &w[0], &b[0],
+                        psub, pmod, pmul, act, &mean[0], &var[0], nthreads)
+        elif typenum == cnp.NPY_FLOAT16:
+            norm_rows_t(<const uint16_t*>xp, <uint16_t*>yp, R, L, xrs, yrs, eps, mode, &w[0], &b[0],
+                        psub, pmod, pmul, act, &mean[0], &var[0], nthreads)
+        else:
+            with gil:
+                raise TypeError(f"norm_rows: unsupported dtype {x.dtype}")
 
 
 # ---------------------------------------------------------------- Python entry points

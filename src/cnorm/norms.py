@@ -120,6 +120,54 @@ def _run(xa, y, mh, ml, rs, w, b, act, backend, nthreads):
                   backend=backend, nthreads=nthreads)
 
 
+# ------------------------------------------------------------------ fused rows fast path
+def _rows_layout(a, nlead):
+    """(R, L, row stride) when ``a`` is rows of contiguous trailing axes, else None.
+
+    The last ``a.ndim - nlead`` axes must be C-contiguous and the leading axes
+    mergeable into one strided dimension.
+    """
+    expected = a.itemsize
+    for ax in range(a.ndim - 1, nlead - 1, -1):
+        if a.shape[ax] != 1 and a.strides[ax] != expected:
+            return None
+        expected *= a.shape[ax]
+    L = expected // a.itemsize
+    R, rstride = 1, expected
+    for ax in range(nlead - 1, -1, -1):
+        n = a.shape[ax]
+        if n == 1:
+            continue
+        if R > 1 and a.strides[ax] != rstride * R:
+            return None
+        if R == 1:
+            rstride = a.strides[ax]
+        R *= n
+    return R, L, rstride
+
+
+def _fused_rows(xa, y, nlead, eps, mode, w, b, psub, pmod, pmul, act, backend, nthreads):
+    """Run the fused rows kernel when the layout allows; return (mean, var) rows or None."""
+    if backend != "cython" or xa.dtype != y.dtype:
+        return None
+    lx, ly = _rows_layout(xa, nlead), _rows_layout(y, nlead)
+    if lx is None or ly is None or lx[:2] != ly[:2]:
+        return None
+    if y is not xa and np.shares_memory(xa, y) and (lx[2] != ly[2] or xa.ctypes.data != y.ctypes.data):
+        return None
+    R, L = lx[:2]
+    mean, var = np.empty(R), np.empty(R)
+    if w is None and b is None:
+        w1, b1, psub, pmod, pmul = np.ones(1), np.zeros(1), max(L, 1), 1, 0
+    else:
+        n = max(len(w) if w is not None else 0, len(b) if b is not None else 0)
+        w1 = np.ones(n) if w is None else np.ascontiguousarray(w, dtype=np.float64)
+        b1 = np.zeros(n) if b is None else np.ascontiguousarray(b, dtype=np.float64)
+    _config.kernels.norm_rows(xa, y, R, L, lx[2], ly[2], eps, mode, w1, b1, psub, pmod, pmul,
+                              act, mean, var, nthreads)
+    return mean, var
+
+
 def _expand(p, axis_positions, ndim):
     """Reshape a parameter laid out over ``axis_positions`` to broadcast against x."""
     if p is None:
@@ -180,15 +228,27 @@ def layer_norm(x, axis=-1, weight=None, bias=None, *, eps=1e-5, activation=None,
     axes = normalize_axes(axis, xa.ndim)
     eps = _check_eps(eps, fn)
     pshape = tuple(xa.shape[a] for a in axes)
-    w = _expand(_param(weight, pshape, "weight", fn), axes, xa.ndim)
-    b = _expand(_param(bias, pshape, "bias", fn), axes, xa.ndim)
+    w0 = _param(weight, pshape, "weight", fn)
+    b0 = _param(bias, pshape, "bias", fn)
+    keep = tuple(1 if i in axes else s for i, s in enumerate(xa.shape))
     with _config.call_slot(num_threads) as nt:
-        _, mh, ml, var, _ = _states_stats(xa, axes, backend, nt)
-        rs = _rstd(var, eps)
         y = _output(xa, rdt, out)
-        _run(xa, y, mh, ml, rs, w, b, act, backend, nt)
+        fused = None
+        if axes == tuple(range(xa.ndim - len(axes), xa.ndim)):
+            fused = _fused_rows(xa, y, xa.ndim - len(axes), eps, 0,
+                                None if w0 is None else w0.reshape(-1),
+                                None if b0 is None else b0.reshape(-1), 1, 1, 0, act, backend, nt)
+        if fused is not None:
+            mean, var = (a.reshape(keep) for a in fused)
+            rs = _rstd(var, eps)
+        else:
+            _, mh, ml, var, _ = _states_stats(xa, axes, backend, nt)
+            rs = _rstd(var, eps)
+            _run(xa, y, mh, ml, rs, _expand(w0, axes, xa.ndim), _expand(b0, axes, xa.ndim),
+                 act, backend, nt)
+            mean = _mean(mh, ml) if return_stats else None
     y = _finish(xa, y, rdt, out)
-    return (y, _mean(mh, ml), rs) if return_stats else y
+    return (y, mean, rs) if return_stats else y
 
 
 # ------------------------------------------------------------------ rms_norm
@@ -226,15 +286,24 @@ def rms_norm(x, axis=-1, weight=None, *, eps=None, activation=None, out=None,
     axes = normalize_axes(axis, xa.ndim)
     eps = _default_rms_eps(rdt) if eps is None else _check_eps(eps, fn)
     pshape = tuple(xa.shape[a] for a in axes)
-    w = _expand(_param(weight, pshape, "weight", fn), axes, xa.ndim)
+    w0 = _param(weight, pshape, "weight", fn)
+    keep = tuple(1 if i in axes else s for i, s in enumerate(xa.shape))
     with _config.call_slot(num_threads) as nt:
-        states, mh, ml, var, _ = _states_stats(xa, axes, backend, nt)
-        with np.errstate(over="ignore", invalid="ignore"):
-            ms = var + mh * mh + 2.0 * mh * ml
-        rs = _rstd(ms, eps)
-        zero = np.zeros((1,) * xa.ndim)
         y = _output(xa, rdt, out)
-        _run(xa, y, zero, zero, rs, w, None, act, backend, nt)
+        fused = None
+        if axes == tuple(range(xa.ndim - len(axes), xa.ndim)):
+            fused = _fused_rows(xa, y, xa.ndim - len(axes), eps, 1,
+                                None if w0 is None else w0.reshape(-1), None, 1, 1, 0, act,
+                                backend, nt)
+        if fused is not None:
+            rs = _rstd(fused[1].reshape(keep), eps)
+        else:
+            states, mh, ml, var, _ = _states_stats(xa, axes, backend, nt)
+            with np.errstate(over="ignore", invalid="ignore"):
+                ms = var + (mh * mh + 2.0 * mh * ml)
+            rs = _rstd(ms, eps)
+            zero = np.zeros((1,) * xa.ndim)
+            _run(xa, y, zero, zero, rs, _expand(w0, axes, xa.ndim), None, act, backend, nt)
     y = _finish(xa, y, rdt, out)
     return (y, rs) if return_stats else y
 
@@ -373,7 +442,17 @@ def instance_norm(x, weight=None, bias=None, *, axis=1, running_mean=None, runni
         raise ValueError(f"{fn}: eval mode (training=False) needs running_mean and running_var")
     keep_c = tuple(C if i == c_ax else 1 for i in range(xa.ndim))
     with _config.call_slot(num_threads) as nt:
-        if training:
+        y = _output(xa, rdt, out)
+        fused = None
+        if training and c_ax == 1:
+            fused = _fused_rows(xa, y, 2, eps, 0, None if w is None else w.reshape(-1),
+                                None if b is None else b.reshape(-1), max(n, 1), C, 1, act,
+                                backend, nt)
+        if fused is not None:
+            kshape = xa.shape[:2] + (1,) * (xa.ndim - 2)
+            mh, var = (a.reshape(kshape) for a in fused)
+            ml = np.zeros(kshape)
+        elif training:
             _, mh, ml, var, _ = _states_stats(xa, axes, backend, nt)
         else:
             mh = np.broadcast_to(rm.astype(np.float64).reshape(keep_c),
@@ -381,8 +460,8 @@ def instance_norm(x, weight=None, bias=None, *, axis=1, running_mean=None, runni
             ml = np.zeros((1,) * xa.ndim)
             var = np.broadcast_to(rv.astype(np.float64).reshape(keep_c), mh.shape)
         rs = _rstd(var, eps)
-        y = _output(xa, rdt, out)
-        _run(xa, y, mh, ml, rs, w, b, act, backend, nt)
+        if fused is None:
+            _run(xa, y, mh, ml, rs, w, b, act, backend, nt)
     if training and (rm is not None or rv is not None):
         mean_c = _mean(mh, ml).mean(axis=0).reshape(C)
         var_c = (var * (n / (n - 1))).mean(axis=0).reshape(C)
@@ -429,10 +508,24 @@ def group_norm(x, num_groups, weight=None, bias=None, *, axis=1, eps=1e-5, activ
     axes = tuple(a for a in range(xg.ndim) if a not in (0, c_ax))
     wg = _expand(None if w is None else w.reshape(G, C // G), (c_ax, c_ax + 1), xg.ndim)
     bg = _expand(None if b is None else b.reshape(G, C // G), (c_ax, c_ax + 1), xg.ndim)
+    N = xa.shape[0]
     with _config.call_slot(num_threads) as nt:
+        y = _output(xa, rdt, out)
+        fused = None
+        if c_ax == 1:
+            yg = np.lib.stride_tricks.as_strided(y, gshape, y.strides[:1] + (y.strides[1] * (C // G),
+                                                                             y.strides[1]) + y.strides[2:])
+            hw = int(np.prod(xa.shape[2:]))
+            fused = _fused_rows(xg, yg, 2, eps, 0, w, b, max(hw, 1), G, C // G, act, backend, nt)
+        if fused is not None:
+            kshape = (N, G) + (1,) * (xg.ndim - 2)
+            mh, var = (a.reshape(kshape) for a in fused)
+            ml = np.zeros(kshape)
+            rs = _rstd(var, eps)
+            y = _finish(xa, y, rdt, out)
+            return (y, _mean(mh, ml).reshape(N, G), rs.reshape(N, G)) if return_stats else y
         _, mh, ml, var, _ = _states_stats(xg, axes, backend, nt)
         rs = _rstd(var, eps)
-        y = _output(xa, rdt, out)
         yg = np.lib.stride_tricks.as_strided(
             y, gshape, y.strides[:c_ax] + (y.strides[c_ax] * (C // G), y.strides[c_ax]) + y.strides[c_ax + 1:])
         if y is xa or (out is not None and out is x):
@@ -440,6 +533,5 @@ def group_norm(x, num_groups, weight=None, bias=None, *, axis=1, eps=1e-5, activ
         _run(xg, yg, mh, ml, rs, wg, bg, act, backend, nt)
     y = _finish(xa, y, rdt, out)
     if return_stats:
-        N = xa.shape[0]
         return y, _mean(mh, ml).reshape(N, G), rs.reshape(N, G)
     return y
