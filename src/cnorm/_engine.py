@@ -31,20 +31,22 @@ def backend_module(backend: str):
 class _StridedView:
     """Exposes x's memory from a byte offset with given shape/strides (keeps x alive)."""
 
-    def __init__(self, x, offset, shape, strides, typestr):
+    def __init__(self, x, offset, shape, strides, typestr, readonly=True):
         self._keep = x
         ptr = x.__array_interface__["data"][0] + offset
-        self.__array_interface__ = {"version": 3, "data": (ptr, True), "shape": tuple(shape),
+        self.__array_interface__ = {"version": 3, "data": (ptr, readonly), "shape": tuple(shape),
                                     "strides": tuple(strides), "typestr": typestr}
 
 
-def strided_view(x: np.ndarray, offset: int, shape, strides, as_bits: bool = False) -> np.ndarray:
-    """Read-only view of ``x``'s memory starting ``offset`` bytes after its data pointer.
+def strided_view(x: np.ndarray, offset: int, shape, strides, as_bits: bool = False,
+                 writeable: bool = False) -> np.ndarray:
+    """View of ``x``'s memory starting ``offset`` bytes after its data pointer.
 
-    ``as_bits`` views float16 as uint16 (how the Numba kernels read halves).
+    ``as_bits`` views float16 as uint16 (how the Numba kernels read halves);
+    ``writeable`` only for arrays the caller may write.
     """
     typestr = "<u2" if (as_bits and x.dtype == np.float16) else x.dtype.str
-    return np.asarray(_StridedView(x, offset, shape, strides, typestr))
+    return np.asarray(_StridedView(x, offset, shape, strides, typestr, readonly=not writeable))
 
 
 def empty_states(shape) -> np.ndarray:
@@ -202,7 +204,10 @@ def apply(x: np.ndarray, y: np.ndarray, mh, ml, rs, w, b, act: int, *, backend: 
     # the element offsets of index 0 inside the flattened stats/params
     s0 = _base_offset(stats[0], flat_s[0])
     p0 = _base_offset(params[0], flat_p[0])
-    mod = _config.family("_apply") if backend == "cython" else backend_module(backend)
+    if backend == "cython":
+        mod = _config.family("_apply")
+    else:
+        from . import _numba_apply as mod
     for idx in np.ndindex(*[d[0] for d in plan.outer]):
         offs = [sum(i * d[1][k] for i, d in zip(idx, plan.outer)) for k in range(4)]
         mod.apply_4d(x, offs[0], y, offs[1], flat_s[0], flat_s[1], flat_s[2], s0 + offs[2],
