@@ -250,6 +250,10 @@ cdef extern from "_simd.h" nogil:
     void cn_centred_f32(const float *p, Py_ssize_t n, double c, double *s1, double *s2)
     void cn_centred_f64(const double *p, Py_ssize_t n, double c,
                         double *s1h, double *s1l, double *s2h, double *s2l)
+    void cn_cols_centred_f16(const uint16_t *x, Py_ssize_t n, const double *c, double *s1, double *s2)
+    void cn_cols_centred_f32(const float *x, Py_ssize_t n, const double *c, double *s1, double *s2)
+    void cn_cols_centred_f64(const double *x, Py_ssize_t n, const double *c,
+                             double *h1, double *l1, double *h2, double *l2)
 
 
 cdef inline double row_sum(const src_t* p, Py_ssize_t n) noexcept nogil:
@@ -430,29 +434,17 @@ cdef void cols_block(const src_t* base, Py_ssize_t nrows, Py_ssize_t ncols,
         c[j] = ld(<const src_t*>(<const char*>base + j * cstride))
     for r in range(nrows):
         row = <const char*>base + r * rstride
-        if src_t is double:
+        if contiguous:
+            if src_t is uint16_t:
+                cn_cols_centred_f16(<const uint16_t*>row, ncols, c, s1h, s2h)
+            elif src_t is float:
+                cn_cols_centred_f32(<const float*>row, ncols, c, s1h, s2h)
+            else:
+                cn_cols_centred_f64(<const double*>row, ncols, c, s1h, s1l, s2h, s2l)
+        elif src_t is double:
             for j in range(ncols):
-                x = (<const double*>(row + j * cstride))[0]
-                d = x - c[j]
-                bb = d - x
-                de = (x - (d - bb)) + (-c[j] - bb)
-                t = s1h[j] + d
-                bb = t - s1h[j]
-                e = (s1h[j] - (t - bb)) + (d - bb)
-                s1h[j] = t
-                s1l[j] = s1l[j] + (e + de)
-                p2 = d * d
-                e2 = cn_two_prod_err(d, d, p2) + 2.0 * d * de
-                t = s2h[j] + p2
-                bb = t - s2h[j]
-                e = (s2h[j] - (t - bb)) + (p2 - bb)
-                s2h[j] = t
-                s2l[j] = s2l[j] + (e + e2)
-        elif contiguous:
-            for j in range(ncols):
-                d = ld(<const src_t*>row + j) - c[j]
-                s1h[j] = s1h[j] + d
-                s2h[j] = s2h[j] + d * d
+                centred_add((<const double*>(row + j * cstride))[0], c[j],
+                            &s1h[j], &s1l[j], &s2h[j], &s2l[j])
         else:
             for j in range(ncols):
                 d = ld(<const src_t*>(row + j * cstride)) - c[j]

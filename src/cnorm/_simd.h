@@ -293,6 +293,46 @@ static inline void cn_centred_f64(const double *__restrict p, ptrdiff_t n, doubl
     cn_dd_add(s2h, s2l, H2[0], L2[0]);
 }
 
+/* ---- one row of a column block: per-column centred sums (channels-last) ----
+ * s1[j] += x[j] - c[j], s2[j] += (x[j] - c[j])^2 for j < n, eight columns at a
+ * time; float64 input keeps double-double sums (h1, l1, h2, l2). */
+static inline cn_v8d cn_ld8d(const double *p) { cn_v8d v; memcpy(&v, p, 64); return v; }
+static inline void cn_st8d(double *p, cn_v8d v) { memcpy(p, &v, 64); }
+
+#define CN_DEFINE_COLS(SUFFIX, T, LOAD8, CONV)                                    \
+static inline void cn_cols_centred_##SUFFIX(const T *__restrict x, ptrdiff_t n,   \
+        const double *__restrict c, double *__restrict s1, double *__restrict s2) { \
+    ptrdiff_t j, nv = n - n % 8;                                                 \
+    for (j = 0; j < nv; j += 8) {                                                \
+        cn_v8d d = LOAD8(x + j) - cn_ld8d(c + j);                                \
+        cn_st8d(s1 + j, cn_ld8d(s1 + j) + d);                                    \
+        cn_st8d(s2 + j, cn_ld8d(s2 + j) + d * d);                                \
+    }                                                                            \
+    for (; j < n; j++) { double d = CONV(x[j]) - c[j]; s1[j] += d; s2[j] += d * d; } \
+}
+CN_DEFINE_COLS(f16, uint16_t, cn_load8_f16, CN_CONV_H)
+CN_DEFINE_COLS(f32, float, cn_load8_f32, CN_CONV_F)
+
+static inline void cn_cols_centred_f64(const double *__restrict x, ptrdiff_t n,
+        const double *__restrict c, double *__restrict h1, double *__restrict l1,
+        double *__restrict h2, double *__restrict l2) {
+    const cn_v8d two = {2, 2, 2, 2, 2, 2, 2, 2};
+    ptrdiff_t j, nv = n - n % 8;
+    for (j = 0; j < nv; j += 8) {
+        cn_v8d xv = cn_load8_f64(x + j), cv = cn_ld8d(c + j);
+        cn_v8d H1 = cn_ld8d(h1 + j), L1 = cn_ld8d(l1 + j), H2 = cn_ld8d(h2 + j), L2 = cn_ld8d(l2 + j);
+        CN_DD_LANE_STEP(xv, H1, L1, H2, L2);
+        cn_st8d(h1 + j, H1); cn_st8d(l1 + j, L1); cn_st8d(h2 + j, H2); cn_st8d(l2 + j, L2);
+    }
+    for (; j < n; j++) {
+        double xs = x[j], d = xs - c[j], bb = d - xs;
+        double de = (xs - (d - bb)) + (-c[j] - bb);
+        double q = d * d;
+        cn_dd_add(&h1[j], &l1[j], d, de);
+        cn_dd_add(&h2[j], &l2[j], q, cn_two_prod_err(d, d, q) + 2.0 * d * de);
+    }
+}
+
 static inline const char *cn_isa_name(void) { return CN_ISA_NAME; }
 
 /* Highest ISA level this CPU (and OS) can run: 2 = x86-64-v4 (AVX-512),
