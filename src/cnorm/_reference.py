@@ -21,14 +21,26 @@ def two_sum(a, b):
 
 
 def two_prod(a, b):
+    """p = fl(a*b) and its exact error (Dekker; operands above 2**995 are scaled
+    by 2**-60 first so that the splitting cannot overflow)."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
     p = a * b
+    with np.errstate(invalid="ignore"):
+        sa = np.where(np.abs(a) > 2.0 ** 995, 2.0 ** -60, 1.0)
+        sb = np.where(np.abs(b) > 2.0 ** 995, 2.0 ** -60, 1.0)
+    err = _dekker_err(a * sa, b * sb, p * (sa * sb))
+    return p, err / (sa * sb)
+
+
+def _dekker_err(a, b, p):
     t = _SPLIT * a
     ah = t - (t - a)
     al = a - ah
     t = _SPLIT * b
     bh = t - (t - b)
     bl = b - bh
-    return p, ((ah * bh - p) + ah * bl + al * bh) + al * bl
+    return ((ah * bh - p) + ah * bl + al * bh) + al * bl
 
 
 def dd_add(ah, al, bh, bl):

@@ -30,11 +30,16 @@ static inline double cn_two_prod_err(double a, double b, double p) {
 #if defined(__FMA__)
     return __builtin_fma(a, b, -p);
 #else
+    /* Dekker: split*a overflows above ~2^996, so scale such operands by 2^-60
+     * (exact, and p scales with them) and scale the error back. */
+    double scale = 1.0;
+    if (fabs(a) > 0x1p995) { a *= 0x1p-60; p *= 0x1p-60; scale = 0x1p60; }
+    if (fabs(b) > 0x1p995) { b *= 0x1p-60; p *= 0x1p-60; scale *= 0x1p60; }
     const double split = 134217729.0; /* 2^27 + 1 */
     double t = split * a, ah = t - (t - a), al = a - ah;
     t = split * b;
     double bh = t - (t - b), bl = b - bh;
-    return ((ah * bh - p) + ah * bl + al * bh) + al * bl;
+    return (((ah * bh - p) + ah * bl + al * bh) + al * bl) * scale;
 #endif
 }
 
@@ -180,12 +185,12 @@ static inline cn_v8d cn_v8_two_prod_err(cn_v8d a, cn_v8d b, cn_v8d p) {
     memcpy(&out, r, 64);
     return out;
 #else
-    const cn_v8d split = {134217729.0, 134217729.0, 134217729.0, 134217729.0,
-                          134217729.0, 134217729.0, 134217729.0, 134217729.0};
-    cn_v8d t = split * a, ah = t - (t - a), al = a - ah;
-    t = split * b;
-    cn_v8d bh = t - (t - b), bl = b - bh;
-    return ((ah * bh - p) + ah * bl + al * bh) + al * bl;
+    double x[8], y[8], z[8];
+    memcpy(x, &a, 64); memcpy(y, &b, 64); memcpy(z, &p, 64);
+    for (int j = 0; j < 8; j++) x[j] = cn_two_prod_err(x[j], y[j], z[j]);
+    cn_v8d out;
+    memcpy(&out, x, 64);
+    return out;
 #endif
 }
 
