@@ -203,6 +203,7 @@ def plots(out, precision, speed) -> list:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker  # noqa: F401
     except ImportError:
         return ["matplotlib is not installed: no PNG plots (pip install 'cnorm[bench]')"]
     msgs = []
@@ -222,6 +223,7 @@ _STYLE = {"one-pass": ("tab:red", "v"), "numpy-2pass": ("tab:orange", "s"),
 
 
 def _precision_png(plt, path, records):
+    import matplotlib
     dtypes = list(dict.fromkeys(r["dtype"] for r in records))
     fig, axes = plt.subplots(3, len(dtypes), figsize=(4.6 * len(dtypes), 11), squeeze=False)
     names = {"mean": "mean", "var": "variance", "norm": "normalized output"}
@@ -245,6 +247,8 @@ def _precision_png(plt, path, records):
             ax.axhline(P.contract(dt, q), color="k", ls="--", lw=0.8, label="contract")
             ax.set_xscale("log")
             ax.set_yscale("log")
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+            ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
             ax.set_ylim(_LO / 2, _HI * 50)
             ax.set_yticks([10.0 ** e for e in range(-2, 37, 6)])
             ax.set_title(f"{dt}: {names[q]}", fontsize=10)
@@ -257,17 +261,19 @@ def _precision_png(plt, path, records):
     fig.legend(h, lab, loc="lower center", ncol=len(lab), fontsize=9)
     fig.suptitle("Worst error vs condition number (max over lengths); "
                  f"0 drawn at {_LO:g}, overflow/NaN at {_HI:g}", fontsize=11)
-    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
+    fig.subplots_adjust(left=0.07, right=0.985, bottom=0.1, top=0.93, hspace=0.3, wspace=0.2)
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
 def _speed_png(plt, path, records):
+    import matplotlib
     dtypes = list(dict.fromkeys(r["dtype"] for r in records))
     panels = list(dict.fromkeys((r["size"], r["threads"]) for r in records))
     keys = list(dict.fromkeys(r["key"] for r in records))
-    fig, axes = plt.subplots(len(panels), len(dtypes), figsize=(5.5 * len(dtypes),
-                             4.0 * len(panels)), squeeze=False)
+    height = 4.0 * len(panels) + 1.0
+    fig, axes = plt.subplots(len(panels), len(dtypes), figsize=(5.5 * len(dtypes), height),
+                             squeeze=False)
     width = 0.8 / len(PLOT_IMPLS)
     for i, (size, threads) in enumerate(panels):
         recs = [r for r in records if r["threads"] == threads]
@@ -284,6 +290,7 @@ def _speed_png(plt, path, records):
                        width, color=color, label=SPEED_LABELS[impl])
             ax.axhline(1.0, color="k", lw=0.8)
             ax.set_yscale("log")
+            ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
             ax.set_xticks(np.arange(len(keys)))
             ax.set_xticklabels(keys, rotation=45, ha="right", fontsize=7)
             ax.set_title(f"{dt}, {size}, {threads} thread(s)", fontsize=10)
@@ -294,6 +301,7 @@ def _speed_png(plt, path, records):
     fig.legend(h, lab, loc="lower center", ncol=len(lab), fontsize=9)
     fig.suptitle("Ratio to the memory-bound floor (copy for layers, read-only reduction "
                  "for moments); 1 = floor, lower is better", fontsize=11)
-    fig.tight_layout(rect=(0, 0.04, 1, 0.96))
+    fig.subplots_adjust(left=0.06, right=0.99, bottom=1.4 / height, top=1 - 0.8 / height,
+                        hspace=0.75, wspace=0.15)
     fig.savefig(path, dpi=90)
     plt.close(fig)
