@@ -31,6 +31,8 @@ def normalize_axes(axis, ndim: int, argname: str = "axis") -> tuple[int, ...]:
     """
     if axis is None:
         return tuple(range(ndim))
+    if type(axis) is int and -ndim <= axis < ndim:  # fast path for the common case
+        return (axis % ndim,)
     items = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
     out = []
     for a in items:

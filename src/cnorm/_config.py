@@ -87,9 +87,21 @@ def set_num_threads(n: int) -> None:
     _num_threads = check_num_threads(n, "n")
 
 
+_default_cache: int | None = None
+
+
 def get_num_threads() -> int:
-    """Return the default number of threads used by cnorm's kernels."""
-    return _num_threads if _num_threads is not None else _default_threads()
+    """Return the default number of threads used by cnorm's kernels.
+
+    Without :func:`set_num_threads`, the environment (``CNORM_NUM_THREADS``,
+    ``OMP_NUM_THREADS``, the affinity mask) is read once, at the first call.
+    """
+    global _default_cache
+    if _num_threads is not None:
+        return _num_threads
+    if _default_cache is None:
+        _default_cache = _default_threads()
+    return _default_cache
 
 
 def resolve_threads(num_threads) -> int:

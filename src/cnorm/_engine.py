@@ -106,16 +106,19 @@ def finalize(states: np.ndarray, ddof: float, backend: str = "cython"):
     ``var = M2 / (n - ddof)``; empty slices and ``ddof >= n`` follow ``np.var``
     (NaN or inf, with a RuntimeWarning).
     """
-    flat = np.ascontiguousarray(states.reshape(-1, STATE_WIDTH))
+    flat = states.reshape(-1, STATE_WIDTH)
+    if not flat.flags.c_contiguous:
+        flat = np.ascontiguousarray(flat)
     mean = np.empty(flat.shape[0])
     var = np.empty(flat.shape[0])
     mod = _config.kernels if _config.HAVE_EXTENSION else backend_module(backend)
     mod.finalize(flat, float(ddof), mean, var)
-    n = flat[:, 0]
-    if n.size and (n == 0).any():
-        warnings.warn("Mean of empty slice", RuntimeWarning, stacklevel=3)
-    elif n.size and (n - ddof <= 0).any():
-        warnings.warn("Degrees of freedom <= 0 for slice", RuntimeWarning, stacklevel=3)
+    if flat.shape[0]:
+        nmin = flat[:, 0].min()
+        if nmin == 0:
+            warnings.warn("Mean of empty slice", RuntimeWarning, stacklevel=3)
+        elif nmin - ddof <= 0:
+            warnings.warn("Degrees of freedom <= 0 for slice", RuntimeWarning, stacklevel=3)
     shape = states.shape[:-1]
     return mean.reshape(shape), var.reshape(shape)
 

@@ -239,8 +239,9 @@ def layer_norm(x, axis=-1, weight=None, bias=None, *, eps=1e-5, activation=None,
                                 None if w0 is None else w0.reshape(-1),
                                 None if b0 is None else b0.reshape(-1), 1, 1, 0, act, backend, nt)
         if fused is not None:
-            mean, var = (a.reshape(keep) for a in fused)
-            rs = _rstd(var, eps)
+            mean, var = fused
+            rs = _rstd(var, eps).reshape(keep) if return_stats else None
+            mean = mean.reshape(keep)
         else:
             _, mh, ml, var, _ = _states_stats(xa, axes, backend, nt)
             rs = _rstd(var, eps)
@@ -296,7 +297,7 @@ def rms_norm(x, axis=-1, weight=None, *, eps=None, activation=None, out=None,
                                 None if w0 is None else w0.reshape(-1), None, 1, 1, 0, act,
                                 backend, nt)
         if fused is not None:
-            rs = _rstd(fused[1].reshape(keep), eps)
+            rs = _rstd(fused[1], eps).reshape(keep) if return_stats else None
         else:
             states, mh, ml, var, _ = _states_stats(xa, axes, backend, nt)
             with np.errstate(over="ignore", invalid="ignore"):
