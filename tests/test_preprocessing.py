@@ -58,6 +58,17 @@ def test_standardize_matches_exact_at_offset(rng, dtype, axis):
     assert_ulps(y, exact_standardize(x, axis), dtype, 4 if dtype == np.float64 else 1)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_standardize_and_minmax_on_every_backend(rng, backend, dtype):
+    offset = {np.float16: 300.0, np.float32: 1e5, np.float64: 1e9}[dtype]
+    x = (offset + 4 * rng.standard_normal((7, 3, 4))).astype(dtype)[:, ::-1]
+    y = standardize(x, axis=(0, 2), backend=backend, num_threads=2)
+    assert_ulps(y, exact_standardize(x, (0, 2)), dtype, 4 if dtype == np.float64 else 1)
+    ref = minmax_scale(x, axis=1, backend="numpy")
+    np.testing.assert_allclose(minmax_scale(x, axis=1, backend=backend), ref, rtol=0,
+                               atol=float(np.finfo(dtype).eps))
+
+
 def test_standardize_ddof_eps_and_constant_columns(rng):
     x = 1e7 + rng.standard_normal((6, 3))
     x[:, 1] = 3.5
@@ -93,6 +104,7 @@ def test_standardize_dtypes_layouts_and_nan(rng):
 @pytest.mark.parametrize("kwargs, exc", [
     ({"eps": -1.0}, ValueError), ({"eps": np.nan}, ValueError), ({"ddof": "1"}, TypeError),
     ({"axis": 2}, AxisError), ({"axis": (0, 0)}, ValueError),
+    ({"backend": "fast"}, ValueError), ({"num_threads": 0}, ValueError),
     ({"out": np.empty((4, 2))}, ValueError), ({"out": np.empty((4, 3), np.float32)}, TypeError),
     ({"out": np.empty((4, 3)).view()}, None),
 ])
@@ -126,7 +138,8 @@ def test_minmax_scale_exact(rng):
         for i, v in enumerate(col):
             ref = (v - mn) / (mx - mn) * (Fraction(hi) - Fraction(lo)) + Fraction(lo) \
                 if mx > mn else Fraction(lo)
-            assert abs(Fraction(float(y[i, j])) - ref) <= Fraction(float(np.spacing(np.float32(hi))))
+            tol = Fraction(float(np.spacing(np.float32(hi))))
+            assert abs(Fraction(float(y[i, j])) - ref) <= tol
     assert (y.min(axis=0) == lo).all() and (y[:, :3].max(axis=0) == hi).all()
     assert (y >= lo).all() and (y <= hi).all()
     assert (y[:, 3] == lo).all()

@@ -16,7 +16,7 @@ from functools import partial
 import dask.array as da
 import numpy as np
 
-from . import _engine
+from . import _config, _engine
 from . import preprocessing as _pp
 from ._axes import normalize_axes
 from ._validate import BFLOAT16, as_float_array, check_bool, check_dtype_arg, check_real
@@ -45,14 +45,15 @@ def _chunk(x, weights=None, axis=None, keepdims=True, skipna=False, backend="aut
            num_threads=None, computing_meta=False):
     """States of one block over ``axis`` (kept as length-1 axes).
 
-    ``skipna='auto'`` (the scaler) reduces float64 values, like
-    :class:`cnorm.StandardScaler`'s batches, and recomputes a block that holds
-    NaN with NaNs skipped, so clean blocks stay on the fast path.
+    ``skipna='auto'`` (the scaler) treats blocks like
+    :class:`cnorm.StandardScaler`'s batches (small float16/float32 blocks are
+    reduced from float64 copies) and recomputes a block that holds NaN with
+    NaNs skipped, so clean blocks stay on the fast path.
     """
     if computing_meta:
         return np.empty((0,) * x.ndim, dtype=STATE_DTYPE)
     if skipna == "auto":
-        x = np.asarray(x, dtype=np.float64)
+        x = _pp._mergeable(np.asarray(x))
     fast = skipna is True
     states, *_ = moment_states(x, axis, weights=weights, skipna=fast, backend=backend,
                                num_threads=num_threads, fn="cnorm.dask")
@@ -163,13 +164,13 @@ def moments(x, axis=None, *, ddof=0, weights=None, skipna=False, keepdims=False,
                  for which in ("mean", "var"))
 
 
-def _standardize_block(xb, records, ddof, eps, dtype):
+def _standardize_block(xb, records, ddof, eps, dtype, backend, num_threads):
     xa, _ = as_float_array(xb, "x", "cnorm.dask.standardize")
     states = _to_states(records)
     _, v = _engine.finalize(states, ddof)
-    out = np.empty(xa.shape, dtype=dtype)
-    params = [states[..., 1], states[..., 2], _pp._centre_scale(v, eps)]
-    return _pp._elementwise(lambda a, mh, ml, s: ((a - mh) - ml) / s, xa, params, out)
+    with _config.call_slot(num_threads) as nthreads:
+        return _pp._pass(xa, dtype, None, states[..., 1], states[..., 2],
+                         1.0 / _pp._centre_scale(v, eps), 1.0, 0.0, backend, nthreads)
 
 
 def standardize(x, axis=0, *, ddof=0, eps=0.0, backend="auto", num_threads=None,
@@ -177,7 +178,8 @@ def standardize(x, axis=0, *, ddof=0, eps=0.0, backend="auto", num_threads=None,
     """Lazy z-scores of a dask array (see :func:`cnorm.standardize`).
 
     Same chunks and dtype rule as ``x``; statistics over ``axis`` come from
-    the merged states, the element-wise pass runs per block in float64.  A
+    the merged states, and each block goes through cnorm's normalization
+    pass (float64 arithmetic, rounded once).  A
     zero standard deviation counts as 1 (constant slices map to 0).
 
     Examples
@@ -192,20 +194,21 @@ def standardize(x, axis=0, *, ddof=0, eps=0.0, backend="auto", num_threads=None,
     eps = check_real(eps, "eps", "cnorm.dask.standardize", minimum=0.0)
     x, rdt = _as_dask(x, "cnorm.dask.standardize")
     axes = normalize_axes(axis, x.ndim)
+    backend = _config.resolve_backend(backend)
+    _config.resolve_threads(num_threads)
     st = _state_array(x, axes, keepdims=True, backend=backend, num_threads=num_threads,
                       split_every=split_every)
-    return da.map_blocks(_standardize_block, x, st, ddof, eps, rdt, dtype=rdt,
-                         meta=np.empty((0,) * x.ndim, dtype=rdt))
+    return da.map_blocks(_standardize_block, x, st, ddof, eps, rdt, backend, num_threads,
+                         dtype=rdt, meta=np.empty((0,) * x.ndim, dtype=rdt))
 
 
 class StandardScaler(_pp.StandardScaler):
     """:class:`cnorm.StandardScaler` that also fits and transforms dask arrays.
 
     ``fit``/``partial_fit`` on a 2-d dask array build the per-feature states
-    with one distributed reduction (NaNs skipped per block, blocks reduced
-    from float64 values so that their double-double states merge without
-    drift; ``sample_weight`` may be a dask or NumPy array of shape
-    ``(n_samples,)``) and compute them eagerly, like scikit-learn's ``fit``; ``transform``/``inverse_transform``
+    with one distributed reduction (NaNs skipped per block; ``sample_weight``
+    may be a dask or NumPy array of shape ``(n_samples,)``) and compute them
+    eagerly, like scikit-learn's ``fit``; ``transform``/``inverse_transform``
     of a dask array are lazy (one task per block, feature axis in one chunk).
     NumPy input behaves exactly like :class:`cnorm.StandardScaler`.
 
