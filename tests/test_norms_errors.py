@@ -219,9 +219,6 @@ def test_bad_activation(layer):
         check_error(layer, ValueError, ["activation", repr(bad)], activation=bad)
 
 
-@pytest.mark.xfail(strict=True, reason="an unhashable activation (e.g. ['relu']) raises a bare "
-                   "\"TypeError: unhashable type: 'list'\" from the dict lookup in "
-                   "norms._check_activation, which names neither the argument nor the value")
 @pytest.mark.parametrize("layer", LAYERS)
 def test_unhashable_activation_names_the_argument(layer):
     check_error(layer, (TypeError, ValueError), ["activation", "['relu']"], activation=["relu"])

@@ -40,29 +40,6 @@ def _id(p):
 
 
 # ------------------------------------------------------------------ backends
-def _numba_layers_missing():
-    try:
-        cnorm.layer_norm(np.zeros((1, 2)), backend="numba")
-    except (NotImplementedError, AttributeError) as exc:
-        return f"numba backend of the apply pass is not available yet: {exc!r}"
-    except Exception:
-        return None
-    return None
-
-
-_NUMBA_MISSING = _numba_layers_missing()
-
-
-@pytest.fixture(params=["cython", pytest.param("numba", marks=pytest.mark.xfail(
-    _NUMBA_MISSING is not None, reason=_NUMBA_MISSING or "", run=False, strict=False)), "numpy"])
-def backend(request):
-    """conftest's backend fixture; numba cases are expected failures (not run) while the
-    numba apply pass is missing, and run normally as soon as it exists."""
-    if request.param == "numba":
-        require("numba")
-    return request.param
-
-
 # ------------------------------------------------------------------ exact references
 def _sqrt_fraction(q, bits=160):
     """sqrt of a Fraction q > 0 with relative error below 2**-bits."""
@@ -166,23 +143,14 @@ def run_case(name, x, backend, **kw):
 
 
 # ------------------------------------------------------------------ the contract
-# Known library bug (cython backend): for float16/float32 input the moments kernel keeps
-# a block's mean as one float64 (``c + S1/n``) and merges blocks in plain float64
-# (``state_merge_d``), so a slice longer than one 4096-element block loses the mean's
-# low part: at offset 1e7 the mean is off by ~4e-10 (float64 rounding at 1e7), i.e.
-# several float32 ulps of outputs near 0 (floor 2**-10: ulp 1.2e-10).
-FLOAT32_BLOCK_MERGE_BUG = pytest.mark.xfail(strict=True, reason=(
-    "cython moments kernel merges float16/float32 block states in plain float64 "
-    "(state_merge_d): float32 slices longer than 4096 values at offset 1e7 are off by "
-    "up to ~7 ulps"))
-KNOWN_CYTHON_FAILURES = {("batch_norm-NCHW", "float32", 1e7)}
+# Regression: the cython kernel once kept a float32 block's mean as one float64, which
+# at offset 1e7 is off by ~4e-10, i.e. several float32 ulps of outputs near 0 (floor
+# 2**-10: ulp 1.2e-10); the mean is now double-double for every dtype.
 
 
 @pytest.mark.parametrize("dtype,offset", DTYPE_OFFSETS, ids=[_id(p) for p in DTYPE_OFFSETS])
 @pytest.mark.parametrize("name", list(CASES))
 def test_normalized_output_within_contract(backend, name, dtype, offset, request):
-    if backend == "cython" and (name, np.dtype(dtype).name, offset) in KNOWN_CYTHON_FAILURES:
-        request.applymarker(FLOAT32_BLOCK_MERGE_BUG)
     x, exact = case_data(name, dtype, offset)
     before = x.copy()
     y = run_case(name, x, backend)
@@ -199,11 +167,9 @@ def test_normalized_output_within_contract(backend, name, dtype, offset, request
 def test_float32_slices_longer_than_a_block_at_offset_1e7(backend, n, request):
     """float32 rows of n values at offset 1e7 (unit spread): one 4096-value block or more.
 
-    Measured (seed below): cython 0.50 / 1.00 / 6.77 ulps for n = 4096 / 4097 / 20000;
-    numba and numpy 0.50 / 0.44 / 0.48.
+    Before the double-double mean fix the cython kernel gave 0.50 / 1.00 / 6.77 ulps
+    for n = 4096 / 4097 / 20000 here.
     """
-    if backend == "cython" and n > 4096:
-        request.applymarker(FLOAT32_BLOCK_MERGE_BUG)
     rng = np.random.default_rng(5)
     x = offset_data(np.float32, 0, 1e7, 1.0, rng, shape=(4, n))
     worst = float(ulps(cnorm.layer_norm(x, backend=backend), exact_normalized(x, -1, EPS),

@@ -29,41 +29,10 @@ RTOL = ATOL = 1e-12
 
 
 # ------------------------------------------------------------------ backends
-def _numba_layers_missing():
-    """Why the numba backend cannot run the layers yet (None when it can, or when numba
-    itself is missing: the fixture then skips or fails through ``require``)."""
-    try:
-        cnorm.layer_norm(np.zeros((1, 2)), backend="numba")
-    except (NotImplementedError, AttributeError) as exc:
-        return f"numba backend of the apply pass is not available yet: {exc!r}"
-    except Exception:
-        return None
-    return None
-
-
-_NUMBA_MISSING = _numba_layers_missing()
-
-
-@pytest.fixture(params=["cython", pytest.param("numba", marks=pytest.mark.xfail(
-    _NUMBA_MISSING is not None, reason=_NUMBA_MISSING or "", run=False, strict=False)), "numpy"])
-def backend(request):
-    """conftest's backend fixture; numba cases are expected failures (not run) while the
-    numba apply pass is missing, and run normally as soon as it exists."""
-    if request.param == "numba":
-        require("numba")
-    return request.param
-
-
 # ------------------------------------------------------------------ helpers
 def call(fn, *args, backend, **kw):
-    """Call a cnorm layer; a missing numba apply pass is an expected failure."""
-    try:
-        return fn(*args, backend=backend, **kw)
-    except (NotImplementedError, AttributeError) as exc:
-        if backend != "numba":
-            raise
-        reason = f"numba backend of the apply pass is not available yet: {exc!r}"
-    pytest.xfail(reason)  # outside the except: no chained traceback to format
+    """Call a cnorm layer on one backend."""
+    return fn(*args, backend=backend, **kw)
 
 
 def t_(a):

@@ -191,22 +191,25 @@ cdef inline void block_state(double n, double c, double s1h, double s1l,
 
 
 cdef inline void block_state_d(double n, double c, double s1, double s2, State* out) noexcept nogil:
-    """block_state in plain float64: enough for float16/float32 inputs."""
+    """block_state for float16/float32 inputs: M2 in float64, the mean in
+    double-double (c + s1/n without rounding away c's low bits: a float64 mean
+    of 1e7 is off by up to 1e-9, too much for outputs near zero)."""
     out.n = n
-    out.ml = 0.0
     out.ql = 0.0
     if not isfinite(c):
         out.mh = c
+        out.ml = 0.0
         out.qh = NAN
         return
-    out.mh = c + s1 / n
+    two_sum(c, s1 / n, &out.mh, &out.ml)
     out.qh = s2 - s1 * (s1 / n)
     if out.qh < 0:
         out.qh = 0.0
 
 
 cdef inline void state_merge_d(State* a, const State* b) noexcept nogil:
-    """Chan's merge in plain float64 (float16/float32 partial states, lo parts zero)."""
+    """Chan's merge for float16/float32 partial states: M2 in float64, the
+    mean in double-double."""
     cdef double n, delta
     if b.n == 0:
         return
@@ -219,8 +222,8 @@ cdef inline void state_merge_d(State* a, const State* b) noexcept nogil:
         a.qh = NAN
         a.n = n
         return
-    delta = b.mh - a.mh
-    a.mh = a.mh + delta * (b.n / n)
+    delta = (b.mh - a.mh) + (b.ml - a.ml)
+    dd_add(&a.mh, &a.ml, delta * (b.n / n), 0.0)
     a.qh = a.qh + b.qh + delta * delta * (a.n * (b.n / n))
     a.n = n
 

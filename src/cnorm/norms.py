@@ -27,7 +27,7 @@ __all__ = ["layer_norm", "rms_norm", "batch_norm", "group_norm", "instance_norm"
 
 
 def _check_activation(activation, fn):
-    if activation not in _engine.ACTIVATIONS or isinstance(activation, bool):
+    if not (activation is None or isinstance(activation, str)) or activation not in _engine.ACTIVATIONS:
         raise ValueError(f"{fn}: activation must be one of {list(_engine.ACTIVATIONS)}, "
                          f"got {activation!r}")
     return _engine.ACTIVATIONS[activation]
