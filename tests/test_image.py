@@ -106,11 +106,21 @@ def test_numpy_backend_and_thread_counts_agree(rng):
     assert_within_1ulp(ys[0], ref)
 
 
-def test_bfloat16_input():
+def test_bfloat16_input_and_output(rng):
     ml_dtypes = require("ml_dtypes")
-    img = np.array([[[0.5, -2.0], [1e30, 3.0e-39]]], dtype=ml_dtypes.bfloat16)  # incl. subnormal
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    img = np.array([[[0.5, -2.0], [1e30, 3.0e-39]]], dtype=bf16)  # incl. a subnormal
+    ref = exact(img, [0.25, 0.0], [2.0, 1.0], 1.0, "HWC", "CHW")
     y = normalize_image(img, [0.25, 0.0], [2.0, 1.0], scale=1.0, dtype=np.float64)
-    assert_within_1ulp(y, exact(img, [0.25, 0.0], [2.0, 1.0], 1.0, "HWC", "CHW"))
+    assert_within_1ulp(y, ref)
+    y = normalize_image(img, [0.25, 0.0], [2.0, 1.0], scale=1.0, dtype=bf16)
+    assert y.dtype == bf16
+    for g, r in zip(y.ravel(), ref.ravel()):  # 1 ulp of bfloat16 (8 significant bits)
+        assert abs(Fraction(float(g)) - r) <= abs(r) * Fraction(1, 2**7) + Fraction(2.0**-133)
+    small = image(rng, np.uint8, (3, 4, 3))
+    yb = normalize_image(small, MEAN3, STD3, dtype=bf16, out_layout="HWC")
+    for g, r in zip(yb.ravel(), exact(small, MEAN3, STD3, 1 / 255, "HWC", "HWC").ravel()):
+        assert abs(Fraction(float(g)) - r) <= abs(r) * Fraction(1, 2**7) + Fraction(2.0**-133)
 
 
 def test_strided_inputs_and_out(rng):
@@ -131,6 +141,13 @@ def test_special_values():
     y = normalize_image(img, [0.0], [1.0], scale=1.0, dtype=np.float16)
     assert np.isnan(y[0, 0, 0]) and y[0, 0, 1] == np.inf and y[0, 0, 2] == -np.inf
     assert y[0, 0, 3] == np.inf  # overflows float16
+    huge = np.array([[[1e301], [-1e300], [np.inf], [1e300]]])
+    for backend in ("numba", "numpy"):
+        y = normalize_image(huge, [0.0], [1e-10], scale=1 / 255, dtype=np.float64,
+                            backend=backend).ravel()
+        assert y[0] == np.inf and y[2] == np.inf  # overflow, and inf in
+        np.testing.assert_allclose(y[[1, 3]], [-1e300 / 255 / 1e-10, 1e300 / 255 / 1e-10],
+                                   rtol=4e-16)
     tiny = np.array([[[2.0**-24 * 0.5], [2.0**-24 * 0.75], [-3e-6]]], dtype=np.float64)
     y = normalize_image(tiny, [0.0], [1.0], scale=1.0, dtype=np.float16)
     np.testing.assert_array_equal(y.ravel(), tiny.astype(np.float16).ravel())  # subnormals, RNE

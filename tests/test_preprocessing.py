@@ -69,6 +69,17 @@ def test_standardize_and_minmax_on_every_backend(rng, backend, dtype):
                                atol=float(np.finfo(dtype).eps))
 
 
+def test_bfloat16(rng):
+    bf16 = np.dtype(require("ml_dtypes").bfloat16)
+    x = (100 + rng.standard_normal((9, 2))).astype(bf16)
+    y = standardize(x)
+    assert y.dtype == bf16
+    ref = exact_standardize(x.astype(np.float64), 0)
+    assert np.abs(y.astype(np.float64) - ref).max() <= 2.0**-7 * np.maximum(np.abs(ref), 1).max()
+    out = np.empty_like(x)
+    assert minmax_scale(x, out=out) is out and out.dtype == bf16
+
+
 def test_standardize_ddof_eps_and_constant_columns(rng):
     x = 1e7 + rng.standard_normal((6, 3))
     x[:, 1] = 3.5

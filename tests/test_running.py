@@ -11,6 +11,7 @@ from numpy.exceptions import AxisError
 
 import cnorm
 from cnorm import RunningMoments
+from conftest import require
 
 
 def exact_moments(x, axis, weights=None):
@@ -169,6 +170,14 @@ def test_integer_bool_and_mixed_dtypes():
     rm = RunningMoments().update(np.array([[1, 2]], dtype=np.int64))
     rm.update(np.array([[True, False]])).update(np.array([[4.0, 6.0]], dtype=np.float32))
     np.testing.assert_array_equal(rm.mean, [2.0, 8 / 3])
+
+
+def test_bfloat16_chunks():
+    ml_dtypes = require("ml_dtypes")
+    x = np.array([[1.5, 2.0], [2.5, 4.0]], dtype=ml_dtypes.bfloat16)
+    rm = RunningMoments().update(x)
+    np.testing.assert_array_equal(rm.mean, [2.0, 3.0])
+    np.testing.assert_array_equal(rm.var(), [0.25, 1.0])
 
 
 def test_pickle_round_trip(rng):

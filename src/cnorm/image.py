@@ -20,8 +20,10 @@ from ._validate import BFLOAT16, check_out, check_real
 __all__ = ["normalize_image"]
 
 _LAYOUTS = ("HWC", "CHW", "NHWC", "NCHW")
-_OUT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+_OUT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)) + (
+    (BFLOAT16,) if BFLOAT16 is not None else ())
 _SPLIT = 134217729.0  # 2**27 + 1 (Dekker)
+_BIG = 2.0**995  # above this, _SPLIT * x overflows
 
 try:
     import numba
@@ -44,8 +46,9 @@ if numba is not None:
         float64 and rounds to float32/float16 within 1 ulp.
         """
         p = v * (sh + sl)
-        if not math.isfinite(p):  # inf/nan input (or overflow): plain IEEE arithmetic
-            return (p - m) / sd
+        plain = (p - m) / sd
+        if not (abs(v) < _BIG and abs(plain) < _BIG and sd < _BIG):
+            return plain  # inf/nan, or beyond 2**995 where Dekker's split overflows
         t = _SPLIT * v
         vh = t - (t - v)
         vl = v - vh
@@ -93,33 +96,34 @@ if numba is not None:
         return -v if b & 0x8000 else v
 
     @jit
-    def _enc_half(y):
-        """IEEE binary16 bits of float64 ``y``, round to nearest even."""
-        sign = np.uint16(0x8000) if math.copysign(1.0, y) < 0 else np.uint16(0)
+    def _enc_bits(y, mbits, bias):
+        """Bits of float64 ``y`` in a 16-bit float with ``mbits`` mantissa bits and
+        exponent ``bias`` (float16: 10, 15; bfloat16: 7, 127), round to nearest even."""
+        sign = 0x8000 if math.copysign(1.0, y) < 0 else 0
+        inf = (2 * bias + 1) << mbits
         a = abs(y)
         if a != a:
-            return np.uint16(0x7E00) | sign
-        if a >= 65520.0:
-            return np.uint16(0x7C00) | sign
-        if a < 6.103515625e-05:  # subnormal: units of 2**-24
-            q = a * 16777216.0
+            return np.uint16(sign | inf | (1 << (mbits - 1)))
+        if a >= math.ldexp(2.0 - math.ldexp(1.0, -mbits - 1), bias):  # rounds past the max
+            return np.uint16(sign | inf)
+        if a < math.ldexp(1.0, 1 - bias):  # subnormal: in units of the smallest one
+            q = math.ldexp(a, bias + mbits - 1)
             base = 0
         else:
             mant, ex = math.frexp(a)  # a = mant * 2**ex, mant in [0.5, 1)
-            q = mant * 2048.0
-            base = (ex + 14) << 10
+            q = math.ldexp(mant, mbits + 1)
+            base = ((ex + bias - 1) << mbits) - (1 << mbits)
         r = math.floor(q)
         d = q - r
         if d > 0.5 or (d == 0.5 and r % 2 == 1):
             r += 1
-        if base:
-            return np.uint16(base + np.int64(r) - 1024) | sign
-        return np.uint16(np.int64(r)) | sign
+        return np.uint16(sign | (base + np.int64(r)))
 
     @njit(inline="always", **JIT_OPTIONS)  # inlined: the loops vectorize around it
-    def _elem(x, code, half_out, precise, sh, sl, m, sd):
-        """One output value: decode (0 value, 1 float16 bits, 2 bfloat16 bits), normalize,
-        encode (float16 bits when ``half_out``, else the float64 for the store to round).
+    def _elem(x, code, enc, precise, sh, sl, m, sd):
+        """One output value: decode ``code`` (0 value, 1 float16 bits, 2 bfloat16 bits),
+        normalize, encode ``enc`` (1 float16 bits, 2 bfloat16 bits, 0 the float64 itself
+        for the store to round).
 
         Not ``precise`` (inputs of <= 24 significant bits, output float32 or
         float16): ``v*sh`` and ``v*sl`` are exact and ``v*sh - m`` is exact
@@ -138,14 +142,18 @@ if numba is not None:
             y = ((v * sh - m) + v * sl) / sd
         else:  # scale fits 26 bits (e.g. 1.0): v*sh is the exact product
             y = (v * sh - m) / sd
-        return _enc_half(y) if half_out else y
+        if enc == 1:
+            return _enc_bits(y, 10, 15)
+        if enc == 2:
+            return _enc_bits(y, 7, 127)
+        return y
 
     # The kernels read and write flat 1-d views with element strides g = (N, C, H, W,
     # src offset, src strides n c h w, dst offset, dst strides n c h w), so one
     # compiled copy per (input, output) dtype serves every layout and stride.
     # Indices are cast to unsigned (they are never negative) to skip wraparound checks.
     @jit(parallel=True)
-    def _direct(src, dst, g, code, half_out, precise, ah, al, mean, std, channels_last):
+    def _direct(src, dst, g, code, enc, precise, ah, al, mean, std, channels_last):
         """dst[n, c, h, w] = f(src[n, c, h, w]), walking dst's memory order."""
         N, C, H, W, so, sn, sc, sh, sw = g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8]
         do, dn, dc, dh, dw = g[9], g[10], g[11], g[12], g[13]
@@ -157,7 +165,7 @@ if numba is not None:
                     pd = do + n * dn + h * dh + w * dw
                     for c in range(C):
                         dst[np.uint64(pd + c * dc)] = _elem(
-                            src[np.uint64(ps + c * sc)], code, half_out, precise, ah, al,
+                            src[np.uint64(ps + c * sc)], code, enc, precise, ah, al,
                             mean[c], std[c])
         else:
             for r in prange(N * C * H):
@@ -167,7 +175,7 @@ if numba is not None:
                 m, sd = mean[c], std[c]
                 for w in range(W):
                     dst[np.uint64(pd + w * dw)] = _elem(src[np.uint64(ps + w * sw)], code,
-                                                        half_out, precise, ah, al, m, sd)
+                                                        enc, precise, ah, al, m, sd)
 
     @jit(parallel=True)
     def _lookup(codes, dst, g, lut, channels_last):
@@ -191,11 +199,11 @@ if numba is not None:
                     dst[np.uint64(pd + w * dw)] = lut[c, codes[np.uint64(ps + w * sw)]]
 
     @jit
-    def _fill_table(codes, table, code, half_out, precise, ah, al, mean, std):
+    def _fill_table(codes, table, code, enc, precise, ah, al, mean, std):
         """table[c, k] = f(codes[k]) for every channel: the lookup table of 8/16-bit codes."""
         for c in range(table.shape[0]):
             for k in range(codes.shape[0]):
-                table[c, k] = _elem(codes[k], code, half_out, precise, ah, al, mean[c], std[c])
+                table[c, k] = _elem(codes[k], code, enc, precise, ah, al, mean[c], std[c])
 
 
 def _flat(a, writeable):
@@ -254,9 +262,13 @@ def _split(x):
 def _numpy_normalize(v, scale, mean, std):
     """The kernel's element function, vectorized (the 'numpy' backend)."""
     from ._reference import dd_add, dd_div, two_prod
-    p, pe = two_prod(v, np.float64(scale))
-    h, lo = dd_add(p, pe, -mean, np.zeros_like(mean))
-    return dd_div(h, lo, std)[0]
+    with np.errstate(all="ignore"):
+        plain = (v * scale - mean) / std
+        p, pe = two_prod(v, np.float64(scale))
+        h, lo = dd_add(p, pe, -mean, np.zeros_like(mean))
+        y = dd_div(h, lo, std)[0]
+    big = ~((np.abs(v) < _BIG) & (np.abs(plain) < _BIG) & (std < _BIG))
+    return np.where(big, plain, y)
 
 
 def normalize_image(img, mean, std, *, scale=1 / 255, layout="HWC", out_layout="CHW",
@@ -281,8 +293,8 @@ def normalize_image(img, mean, std, *, scale=1 / 255, layout="HWC", out_layout="
         Axis order of ``img``.
     out_layout : {'HWC', 'CHW', 'NHWC', 'NCHW'}, default 'CHW'
         Axis order of the result; same rank as ``layout``.
-    dtype : {float16, float32, float64}, default float32
-        Output dtype.
+    dtype : {float16, float32, float64} or bfloat16, default float32
+        Output dtype (bfloat16 needs ``ml_dtypes``).
     out : ndarray, optional
         Writeable array of the output shape and dtype, any strides.
     backend : {'auto', 'numba', 'numpy'}
@@ -341,7 +353,8 @@ def normalize_image(img, mean, std, *, scale=1 / 255, layout="HWC", out_layout="
     except TypeError:
         raise TypeError(f"normalize_image: dtype={dtype!r} is not a dtype") from None
     if odt not in _OUT_DTYPES:
-        raise TypeError(f"normalize_image: dtype must be float16, float32 or float64, got {odt}")
+        raise TypeError(f"normalize_image: dtype must be float16, float32 or float64 "
+                        f"(or bfloat16), got {odt}")
     if backend not in ("auto", "numba", "numpy"):
         raise ValueError(f"normalize_image: backend must be 'auto', 'numba' or 'numpy' "
                          f"(there is no Cython kernel), got {backend!r}")
@@ -370,14 +383,14 @@ def normalize_image(img, mean, std, *, scale=1 / 255, layout="HWC", out_layout="
     codes = src4.view(np.uint16) if kind in ("half", "bf16") else src4
     if any(st % codes.itemsize for st in codes.strides):  # misaligned view: copy it
         codes = np.ascontiguousarray(codes)
-    store = dst4.view(np.uint16) if odt == np.float16 else dst4
+    store = dst4.view(np.uint16) if odt.itemsize == 2 else dst4
     target = store if not any(st % store.itemsize for st in store.strides) else np.empty(
         store.shape, store.dtype)
     src_flat, soff, sst = _flat(codes, False)
     dst_flat, doff, dst_st = _flat(target, True)
     g = np.array([*codes.shape, soff, *sst, doff, *dst_st], dtype=np.int64)
     code = {"value": 0, "half": 1, "bf16": 2}[kind]
-    half_out = odt == np.float16
+    enc = 1 if odt == np.float16 else (2 if odt == BFLOAT16 else 0)
     precise = odt == np.float64 or a.dtype == np.float64
     channels_last = olay4[-1] == "C"
     with _config.call_slot(num_threads) as nthreads:
@@ -388,10 +401,10 @@ def normalize_image(img, mean, std, *, scale=1 / 255, layout="HWC", out_layout="
                 lut = np.empty((c, ncodes), dtype=store.dtype)
                 table = np.arange(ncodes, dtype=codes.dtype)
                 table.flags.writeable = False
-                _fill_table(table, lut, code, half_out, precise, ah, al, mean, std)
+                _fill_table(table, lut, code, enc, precise, ah, al, mean, std)
                 _lookup(src_flat, dst_flat, g, lut, channels_last)
             else:
-                _direct(src_flat, dst_flat, g, code, half_out, precise, ah, al, mean, std,
+                _direct(src_flat, dst_flat, g, code, enc, precise, ah, al, mean, std,
                         channels_last)
         finally:
             numba.set_num_threads(previous)
