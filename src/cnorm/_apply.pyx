@@ -28,7 +28,7 @@ cdef extern from "_simd.h" nogil:
 
 include "_elementwise.pxi"
 
-DEF SERIAL_WORK = 32768
+DEF SERIAL_WORK = 131072 # below this many elements, never start threads (wake-up costs more)
 
 
 def isa():

@@ -44,7 +44,7 @@ DEF LANES = 16          # independent accumulators per block (two AVX-512 vector
 DEF BLOCK = 4096        # elements per block (one shift c per block)
 DEF CHUNK_BLOCKS = 64   # blocks per chunk: the unit of parallel work along a slice
 DEF TILE = 128          # columns per tile in the column kernel
-DEF SERIAL_WORK = 32768 # below this many elements, never start threads
+DEF SERIAL_WORK = 131072 # below this many elements, never start threads (wake-up costs more)
 
 
 def isa():

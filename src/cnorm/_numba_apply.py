@@ -4,7 +4,8 @@
 same canonical 4-d layout as the Cython pass (dims 0-2 outer, split across
 threads; dim 3 the inner row), in float64 arithmetic rounded once to the
 output dtype.  float16 travels as uint16 bits: decoded through an exact
-65536-entry table, encoded with round-to-nearest-even.  The JIT options come
+65536-entry table, encoded with round-to-nearest-even through float32 (the
+same double rounding as the F16C instructions of the Cython path).  The JIT options come
 from the one policy in :mod:`cnorm._numba_policy` (no fast-math).
 """
 from __future__ import annotations
@@ -21,24 +22,28 @@ _HALF_TABLE = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float
 
 @jit
 def _f64_to_half_bits(v):
-    """Round a float64 to binary16 (via float32, like the F16C path), as uint16 bits."""
-    f = np.float32(v)
-    x = np.uint32(np.array([f], dtype=np.float32).view(np.uint32)[0])
-    sign = (x >> np.uint32(16)) & np.uint32(0x8000)
-    ax = x & np.uint32(0x7FFFFFFF)
-    if ax >= np.uint32(0x7F800000):
-        if ax > np.uint32(0x7F800000):
-            return np.uint16(sign | np.uint32(0x7E00))
-        return np.uint16(sign | np.uint32(0x7C00))
-    if ax >= np.uint32(0x477FF000):
-        return np.uint16(sign | np.uint32(0x7C00))
-    if ax < np.uint32(0x38800000):
-        af = np.float32(np.array([ax], dtype=np.uint32).view(np.float32)[0]) + np.float32(0.5)
-        r = np.uint32(np.array([af], dtype=np.float32).view(np.uint32)[0])
-        return np.uint16(sign | (r - np.uint32(0x3F000000)))
-    odd = (ax >> np.uint32(13)) & np.uint32(1)
-    ax = ax + np.uint32(0xC8000FFF) + odd
-    return np.uint16(sign | (ax >> np.uint32(13)))
+    """Round a float64 to binary16 (nearest, ties to even), as uint16 bits.
+
+    Rounds once, from float64 (no float32 step): frexp gives v = m * 2**e with
+    m in [0.5, 1); rint(m * 2048) is the 11-bit significand.
+    """
+    if v != v:
+        return np.uint16(0x7E00)
+    sign = 0x8000 if (v < 0.0 or (v == 0.0 and math.copysign(1.0, v) < 0.0)) else 0
+    a = abs(v)
+    if a == math.inf:
+        return np.uint16(sign | 0x7C00)
+    if a < 6.103515625e-05:  # below 2**-14: subnormal grid of 2**-24
+        return np.uint16(sign | int(np.rint(a * 16777216.0)))
+    m, e = math.frexp(a)
+    r = int(np.rint(m * 2048.0))
+    if r == 2048:
+        r = 1024
+        e += 1
+    biased = e - 1 + 15
+    if biased >= 31:
+        return np.uint16(sign | 0x7C00)
+    return np.uint16(sign | (biased << 10) | (r - 1024))
 
 
 @jit
@@ -72,17 +77,38 @@ def _apply4_float(x, y, mh, ml, rs, w, b, act):
                                        w[i0, i1, i2, i3], b[i0, i1, i2, i3], act)
 
 
+@jit
+def _f32_bits_to_half(x, f):
+    """binary32 bits ``x`` (value ``f``) to binary16 bits, nearest-even (integer ops)."""
+    sign = (x >> np.uint32(16)) & np.uint32(0x8000)
+    ax = x & np.uint32(0x7FFFFFFF)
+    if ax >= np.uint32(0x7F800000):
+        return np.uint16(sign | (np.uint32(0x7E00) if ax > np.uint32(0x7F800000) else np.uint32(0x7C00)))
+    if ax >= np.uint32(0x477FF000):
+        return np.uint16(sign | np.uint32(0x7C00))
+    if ax < np.uint32(0x38800000):  # subnormal half: a multiple of 2**-24 (exact in float64)
+        return np.uint16(sign | np.uint32(np.rint(abs(np.float64(f)) * 16777216.0)))
+    odd = (ax >> np.uint32(13)) & np.uint32(1)
+    ax = ax + np.uint32(0xC8000FFF) + odd
+    return np.uint16(sign | (ax >> np.uint32(13)))
+
+
 @jit(parallel=True)
 def _apply4_half(x, y, mh, ml, rs, w, b, act, table):
+    """float16 via the bits: decode by table, compute in float64, round to float32
+    (a row buffer viewed as uint32) and then to float16 like the F16C path."""
     n0, n1, n2, n3 = x.shape
     for r in numba.prange(n0 * n1 * n2):
         i2 = r % n2
         i1 = (r // n2) % n1
         i0 = r // (n2 * n1)
+        fbuf = np.empty(n3, np.float32)
+        ubuf = fbuf.view(np.uint32)
         for i3 in range(n3):
-            v = _scale(table[x[i0, i1, i2, i3]], mh[i0, i1, i2, i3], ml[i0, i1, i2, i3],
-                       rs[i0, i1, i2, i3], w[i0, i1, i2, i3], b[i0, i1, i2, i3], act)
-            y[i0, i1, i2, i3] = _f64_to_half_bits(v)
+            fbuf[i3] = _scale(table[x[i0, i1, i2, i3]], mh[i0, i1, i2, i3], ml[i0, i1, i2, i3],
+                              rs[i0, i1, i2, i3], w[i0, i1, i2, i3], b[i0, i1, i2, i3], act)
+        for i3 in range(n3):
+            y[i0, i1, i2, i3] = _f32_bits_to_half(ubuf[i3], fbuf[i3])
 
 
 def apply_4d(x, xoff, y, yoff, mh, ml, rs, soff, w, b, poff, shape, xstrides, ystrides,
