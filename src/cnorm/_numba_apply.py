@@ -64,6 +64,23 @@ def _scale(v, mh, ml, rs, w, b, act):
     return _activate((((v - mh) - ml) * rs) * w + b, act)
 
 
+@jit
+def _row(xr, yr, mr, lr, rr, wr, br, act):
+    """One inner row; a statistic or parameter with stride 0 is read once."""
+    n = xr.shape[0]
+    if mr.strides[0] == 0 and wr.strides[0] == 0:
+        m0, l0, r0, w0, b0 = mr[0], lr[0], rr[0], wr[0], br[0]
+        for i in range(n):
+            yr[i] = _scale(np.float64(xr[i]), m0, l0, r0, w0, b0, act)
+    elif mr.strides[0] == 0:
+        m0, l0, r0 = mr[0], lr[0], rr[0]
+        for i in range(n):
+            yr[i] = _scale(np.float64(xr[i]), m0, l0, r0, wr[i], br[i], act)
+    else:
+        for i in range(n):
+            yr[i] = _scale(np.float64(xr[i]), mr[i], lr[i], rr[i], wr[i], br[i], act)
+
+
 @jit(parallel=True)
 def _apply4_float(x, y, mh, ml, rs, w, b, act):
     n0, n1, n2, n3 = x.shape
@@ -71,10 +88,8 @@ def _apply4_float(x, y, mh, ml, rs, w, b, act):
         i2 = r % n2
         i1 = (r // n2) % n1
         i0 = r // (n2 * n1)
-        for i3 in range(n3):
-            y[i0, i1, i2, i3] = _scale(np.float64(x[i0, i1, i2, i3]), mh[i0, i1, i2, i3],
-                                       ml[i0, i1, i2, i3], rs[i0, i1, i2, i3],
-                                       w[i0, i1, i2, i3], b[i0, i1, i2, i3], act)
+        _row(x[i0, i1, i2], y[i0, i1, i2], mh[i0, i1, i2], ml[i0, i1, i2], rs[i0, i1, i2],
+             w[i0, i1, i2], b[i0, i1, i2], act)
 
 
 @jit
@@ -104,11 +119,15 @@ def _apply4_half(x, y, mh, ml, rs, w, b, act, table):
         i0 = r // (n2 * n1)
         fbuf = np.empty(n3, np.float32)
         ubuf = fbuf.view(np.uint32)
+        hx = np.empty(n3, np.float64)
+        xr = x[i0, i1, i2]
         for i3 in range(n3):
-            fbuf[i3] = _scale(table[x[i0, i1, i2, i3]], mh[i0, i1, i2, i3], ml[i0, i1, i2, i3],
-                              rs[i0, i1, i2, i3], w[i0, i1, i2, i3], b[i0, i1, i2, i3], act)
+            hx[i3] = table[xr[i3]]
+        _row(hx, fbuf, mh[i0, i1, i2], ml[i0, i1, i2], rs[i0, i1, i2], w[i0, i1, i2],
+             b[i0, i1, i2], act)
+        yr = y[i0, i1, i2]
         for i3 in range(n3):
-            y[i0, i1, i2, i3] = _f32_bits_to_half(ubuf[i3], fbuf[i3])
+            yr[i3] = _f32_bits_to_half(ubuf[i3], fbuf[i3])
 
 
 def apply_4d(x, xoff, y, yoff, mh, ml, rs, soff, w, b, poff, shape, xstrides, ystrides,
