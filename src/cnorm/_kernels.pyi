@@ -1,0 +1,44 @@
+# Stubs for the Cython moments kernels (cnorm._kernels and its ISA siblings
+# _kernels_avx2 / _kernels_avx512, which have the same interface).
+# The Cython types are given in comments.
+import numpy as np
+import numpy.typing as npt
+from typing import Sequence
+
+def isa() -> str: ...
+def cpu_level() -> int: ...
+def moments_4d(
+    x: np.ndarray,                       # float16/float32/float64 ndarray (only data pointer and dtype used)
+    offset: int,                         # Py_ssize_t, bytes
+    shape: Sequence[int],                # (O, R1, K, R0)
+    strides: Sequence[int],              # bytes
+    so: int,                             # Py_ssize_t, state stride of O
+    sk: int,                             # Py_ssize_t, state stride of K
+    states: npt.NDArray[np.float64],     # double[:, ::1], shape (m, 5)
+    state_offset: int,                   # Py_ssize_t
+    nthreads: int,                       # int
+) -> None: ...
+def finalize(
+    states: npt.NDArray[np.float64],     # double[:, ::1]
+    ddof: float,                         # double
+    mean: npt.NDArray[np.float64],       # double[::1]
+    var: npt.NDArray[np.float64],        # double[::1]
+) -> None: ...
+def merge_states(
+    a: npt.NDArray[np.float64],          # double[:, ::1]
+    b: npt.NDArray[np.float64],          # const double[:, ::1]
+) -> None: ...
+def norm_rows(
+    x: np.ndarray, y: np.ndarray,        # same float dtype, rows of contiguous elements
+    R: int, L: int,                      # Py_ssize_t: rows, row length
+    xrs: int, yrs: int,                  # Py_ssize_t: row strides in bytes
+    eps: float,                          # double
+    mode: int,                           # int: 0 layer norm, 1 RMS norm
+    w: npt.NDArray[np.float64],          # const double[::1]
+    b: npt.NDArray[np.float64],          # const double[::1]
+    psub: int, pmod: int, pmul: int,     # Py_ssize_t: parameter indexing (see docstring)
+    act: int,                            # int: activation code
+    mean: npt.NDArray[np.float64],       # double[::1], out
+    var: npt.NDArray[np.float64],        # double[::1], out
+    nthreads: int,
+) -> None: ...
