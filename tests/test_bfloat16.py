@@ -21,24 +21,6 @@ ml_dtypes = require("ml_dtypes")
 BF16 = np.dtype(ml_dtypes.bfloat16)
 BF16_EPS = float(ml_dtypes.finfo(ml_dtypes.bfloat16).eps)   # 2**-7
 
-# Library bugs found while writing these tests (see the report in the commit
-# message).  Each is an xfail(strict=True): once fixed, the test XPASSes, fails,
-# and the marker should be deleted.
-BUG_REDUCE_DTYPE = pytest.mark.xfail(strict=True, reason=(
-    "moments._reduce overwrites the bfloat16 result dtype with the float32 of "
-    "the working copy: cnorm.mean/var/std(bf16) return float32"))
-BUG_REDUCE_OUT = pytest.mark.xfail(strict=True, reason=(
-    "moments._reduce rejects out= of dtype bfloat16 (checks out.dtype.kind in 'fc')"))
-BUG_WEIGHTS = pytest.mark.xfail(strict=True, reason=(
-    "moments._prepare_weights rejects bfloat16 weights (float16 weights are accepted)"))
-BUG_RUNNING = pytest.mark.xfail(strict=True, reason=(
-    "norms._running rejects bfloat16 running_mean/running_var (dtype.kind 'V'); "
-    "float16 ones are accepted"))
-BUG_OUT_KERNEL = pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "norms: out= of dtype bfloat16 (and out=x) reaches the cython/numba apply kernel "
-    "with a float32 x: 'apply_4d: x and y must have the same dtype'"))
-
-
 # ------------------------------------------------------------------ exact references
 def bf16_ulp(v):
     """bfloat16's ulp at |v| (8 significant bits; subnormal spacing below 2**-126)."""
@@ -150,7 +132,6 @@ def test_moments_constant_nan_inf_skipna():
     np.testing.assert_array_equal(v.astype(np.float32), [0.0, 0.0])
 
 
-@BUG_REDUCE_DTYPE
 @pytest.mark.parametrize("fn", ["mean", "var", "std"])
 def test_mean_var_std_keep_bfloat16(fn):
     x = offset_data(np.random.default_rng(2), (7, 11), 300.0, 3.0)
@@ -172,14 +153,12 @@ def test_mean_var_std_within_one_ulp(offset, scale):
         assert abs(g - s) <= bf16_ulp(s) * (1 + 1e-9), (g, s)
 
 
-@BUG_REDUCE_OUT
 def test_mean_out_bfloat16():
     x = offset_data(np.random.default_rng(4), (5, 4), 10.0, 1.0)
     out = np.empty(4, dtype=BF16)
     assert cnorm.mean(x, axis=0, out=out) is out
 
 
-@BUG_WEIGHTS
 def test_bfloat16_weights():
     x = offset_data(np.random.default_rng(5), (6, 3), 10.0, 1.0)
     w = np.array([1, 2, 0, 1, 3, 1], dtype=BF16)[:, None]
@@ -384,7 +363,6 @@ def test_layer_objects_bfloat16(make, shape):
         np.testing.assert_array_equal(v.astype(np.float64), layer.state_dict()[k].astype(np.float64))
 
 
-@BUG_RUNNING
 @pytest.mark.parametrize("fn", ["batch_norm", "instance_norm"])
 def test_functional_bfloat16_running_stats(fn):
     x = offset_data(np.random.default_rng(14), (4, 3, 5), 10.0, 1.0)
@@ -394,8 +372,8 @@ def test_functional_bfloat16_running_stats(fn):
 
 
 @pytest.mark.parametrize("backend", [
-    pytest.param("cython", marks=BUG_OUT_KERNEL),
-    pytest.param("numba", marks=BUG_OUT_KERNEL),
+    "cython",
+    "numba",
     "numpy"])
 def test_out_bfloat16(backend):
     if backend == "numba":

@@ -291,16 +291,9 @@ def test_cython_moments_1d_single_value(cy):
     assert (m, v, count) == (3.25, 0.0, 1.0)
 
 
-# moments_1d_f64/f32 in _kernels.pyx call slice_chunk(..., b0=0, b1=n) with the
-# element count n as the number of *blocks*: blocks are re-read or get negative
-# sizes, so any n > 1 gives a wrong count and wrong statistics (NaN variance
-# below 2048 elements).  The fix is b1 = blocks_in_slice(1, n) (and n == 0 must
-# return an empty state instead of dividing by zero in blocks_in_slice).
-BUG_MOMENTS_1D = pytest.mark.xfail(strict=True, reason=(
-    "_kernels.moments_1d_f64/_f32 pass the element count as the block count to slice_chunk"))
+# Regression: moments_1d_f64/f32 once passed the element count as the block count
+# to slice_chunk (wrong counts and NaN variances for any n > 1).
 
-
-@BUG_MOMENTS_1D
 @pytest.mark.parametrize("n", [n for n in SIZES if n > 2])
 @pytest.mark.parametrize("nchunks", [1, 3])
 def test_cython_moments_1d_f64(cy, n, nchunks):
@@ -313,7 +306,6 @@ def test_cython_moments_1d_f64(cy, n, nchunks):
         assert_ulps(v, ex_v, np.float64, 2)
 
 
-@BUG_MOMENTS_1D
 def test_cython_moments_1d_strided_and_f32(cy):
     rng = np.random.default_rng(5)
     x = offset_data(rng, 3 * 3001, np.float64, offset=-2e5)[::3]

@@ -337,12 +337,18 @@ cdef void block_moments(const src_t* base, Py_ssize_t nrows, Py_ssize_t rowlen,
 
 cdef void moments_1d_f64(const double* x, Py_ssize_t n, Py_ssize_t stride, State* out) noexcept nogil:
     """State of n float64 values with element stride `stride` (for embedding)."""
-    slice_chunk(<const double*>x, 1, n, 0, stride * 8, 0, n, out)
+    out.n = 0
+    out.mh = out.ml = out.qh = out.ql = 0.0
+    if n > 0:
+        slice_chunk(<const double*>x, 1, n, 0, stride * 8, 0, blocks_in_slice(1, n), out)
 
 
 cdef void moments_1d_f32(const float* x, Py_ssize_t n, Py_ssize_t stride, State* out) noexcept nogil:
     """State of n float32 values with element stride `stride` (for embedding)."""
-    slice_chunk(<const float*>x, 1, n, 0, stride * 4, 0, n, out)
+    out.n = 0
+    out.mh = out.ml = out.qh = out.ql = 0.0
+    if n > 0:
+        slice_chunk(<const float*>x, 1, n, 0, stride * 4, 0, blocks_in_slice(1, n), out)
 
 
 # ---------------------------------------------------------------- slices (rows kernel)

@@ -10,13 +10,16 @@ import numpy as np
 
 from . import _config, _engine
 from ._axes import normalize_axes
-from ._validate import as_float_array, check_bool, check_dtype_arg, check_out, check_real
+from ._validate import (BFLOAT16, as_float_array, check_bool, check_dtype_arg, check_out,
+                        check_real)
 
 __all__ = ["moments", "mean", "var", "std"]
 
 
 def _prepare_weights(weights, x, fn):
     w = np.asarray(weights)
+    if BFLOAT16 is not None and w.dtype == BFLOAT16:
+        w = w.astype(np.float32)
     if w.dtype.kind not in "biuf":
         raise TypeError(f"{fn}: weights must be a real array, got dtype {w.dtype}")
     try:
@@ -186,10 +189,10 @@ def _reduce(kind, x, axis, dtype, out, ddof, keepdims, backend, num_threads, whe
     shape = tuple(1 if i in axes else s for i, s in enumerate(xa.shape)) if keepdims else kept
     if out is not None:
         check_out(out, shape, None, "out", where_name)
-        if out.dtype.kind not in "fc":
+        if out.dtype.kind not in "fc" and not (BFLOAT16 is not None and out.dtype == BFLOAT16):
             raise TypeError(f"{where_name}: out must have a floating dtype, got {out.dtype}")
-    states, axes, xa, rdt = moment_states(xa, axes, backend=backend, num_threads=num_threads,
-                                          fn=where_name)
+    states, axes, xa, _ = moment_states(xa, axes, backend=backend, num_threads=num_threads,
+                                        fn=where_name)
     m, v = _engine.finalize(states, ddof if kind != "mean" else 0.0)
     r = m if kind == "mean" else (v if kind == "var" else np.sqrt(v))
     r = _shape_out(r, axes, xa.ndim, keepdims)

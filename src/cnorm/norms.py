@@ -56,7 +56,7 @@ def _running(p, shape, name, fn):
     if not isinstance(p, np.ndarray):
         raise TypeError(f"{fn}: {name} must be a numpy.ndarray (it is updated in place), "
                         f"got {type(p).__name__}")
-    if p.dtype.kind != "f":
+    if p.dtype.kind != "f" and not (BFLOAT16 is not None and p.dtype == BFLOAT16):
         raise TypeError(f"{fn}: {name} must have a floating dtype, got {p.dtype}")
     if p.shape != tuple(shape):
         raise ValueError(f"{fn}: {name} has shape {p.shape}, expected {tuple(shape)}")
@@ -76,7 +76,9 @@ def _prepare(x, out, fn, backend, num_threads, activation, return_stats):
 
 
 def _output(xa, rdt, out):
-    if out is not None:
+    """The array the kernels write: ``out`` itself when its dtype is the working
+    dtype; a float32 buffer for bfloat16 (copied into ``out`` by _finish)."""
+    if out is not None and out.dtype == xa.dtype:
         return out
     if rdt != xa.dtype:  # bfloat16 computed from a float32 copy
         return np.empty(xa.shape, dtype=xa.dtype)
@@ -330,9 +332,10 @@ def _check_momentum(momentum, fn):
 def _update_running(running_mean, running_var, mean, var_unbiased, momentum):
     """PyTorch's rule: r = (1 - m) * r + m * batch statistic (in the running dtype)."""
     if running_mean is not None:
-        running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
+        running_mean[...] = (1.0 - momentum) * running_mean.astype(np.float64) + momentum * mean
     if running_var is not None:
-        running_var[...] = (1.0 - momentum) * running_var + momentum * var_unbiased
+        running_var[...] = ((1.0 - momentum) * running_var.astype(np.float64)
+                            + momentum * var_unbiased)
 
 
 def batch_norm(x, weight=None, bias=None, *, axis=1, running_mean=None, running_var=None,
