@@ -1,0 +1,71 @@
+"""Type stubs of the gradient kernels (``_backward.pyx``, one copy per ISA level).
+
+Arguments carry their Cython type as a comment.  Offsets and strides of x, dy
+and dx are in bytes; those of the float64 statistics and parameters in
+elements.  All float64 arrays are 1-d and C-contiguous.
+"""
+from typing import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+F64 = npt.NDArray[np.float64]
+
+def isa() -> str: ...
+def rows_backward(
+    x: np.ndarray,              # cnp.ndarray: float16/float32/float64
+    xoff: int,                  # Py_ssize_t
+    dy: np.ndarray,             # cnp.ndarray, x's dtype
+    dyoff: int,                 # Py_ssize_t
+    dx: np.ndarray,             # cnp.ndarray, x's dtype, written
+    dxoff: int,                 # Py_ssize_t
+    shape: Sequence[int],       # (B0, B1, K0, K1): rows (b0, b1) of K0*K1 elements
+    xstrides: Sequence[int],    # 4 byte strides
+    dystrides: Sequence[int],
+    dxstrides: Sequence[int],
+    mean: F64,                  # const double[::1], per row
+    rstd: F64,                  # const double[::1], per row
+    soff: int,                  # Py_ssize_t
+    sstrides: Sequence[int],    # 2 element strides (b0, b1)
+    w: F64,                     # const double[::1], K0*K1 values (pvec) or 1
+    b: F64,                     # const double[::1]
+    pvec: bool,                 # bint
+    pacc: F64 | None,           # double[:, ::1] (T, 2*K0*K1), zeroed; += per task
+    center: bool,               # bint: LayerNorm (True) or RMSNorm
+    refine: bool,               # bint: add mean(x - mean) to the mean (float64 data)
+    act: int,                   # int: activation code
+    nthreads: int,              # int
+) -> int: ...
+def cells_reduce(
+    x: np.ndarray,              # cnp.ndarray
+    xoff: int,                  # Py_ssize_t
+    dy: np.ndarray,             # cnp.ndarray
+    dyoff: int,                 # Py_ssize_t
+    shape: Sequence[int],       # (O, R1, K, R0)
+    xstrides: Sequence[int],
+    dystrides: Sequence[int],
+    so: int,                    # Py_ssize_t: cell stride of o
+    sk: int,                    # Py_ssize_t: cell stride of k
+    coff: int,                  # Py_ssize_t: cell offset
+    mh: F64,                    # const double[::1], per cell
+    ml: F64,                    # const double[::1], per cell
+    rstd: F64,                  # const double[::1], per cell
+    w: F64,                     # const double[::1], per cell
+    b: F64,                     # const double[::1], per cell
+    out: npt.NDArray[np.float64],  # double[:, :, ::1] (nchunks, ncells, 3), += sums
+    act: int,                   # int
+    want_dy: bool,              # bint: False = only Σ((x - mh) - ml)
+    nthreads: int,              # int
+) -> None: ...
+def dx_4d(
+    x: np.ndarray, xoff: int, dy: np.ndarray, dyoff: int, dx: np.ndarray, dxoff: int,
+    mh: F64, ml: F64, rstd: F64, a: F64, bb: F64,   # const double[::1], one layout
+    soff: int,                  # Py_ssize_t
+    w: F64, b: F64,             # const double[::1]
+    poff: int,                  # Py_ssize_t
+    shape: Sequence[int], xstrides: Sequence[int], dystrides: Sequence[int],
+    dxstrides: Sequence[int],
+    sstrides: Sequence[int],    # element strides, inner 0 or 1
+    pstrides: Sequence[int],    # element strides, inner 0 or 1
+    act: int, nthreads: int,
+) -> None: ...

@@ -1,0 +1,1411 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: initializedcheck=False, nonecheck=False, embedsignature=True
+"""Gradient kernels of the normalization layers.
+
+With ``xhat = ((x - mean_hi) - mean_lo) * rstd``, ``v = xhat * w + b`` and
+``gv = dy * act'(v)`` (the activation input is recomputed, never stored):
+
+* ``dbias = Σ gv`` and ``dweight = Σ gv * xhat`` over the axes a parameter is
+  broadcast along;
+* ``dx = ((w * gv - a) - xhat * bb) * rstd`` with the slice means
+  ``a = mean(w * gv)`` and ``bb = mean(w * gv * xhat)`` (``a = 0`` for RMS
+  norm, ``a = bb = 0`` for batch norm in eval mode).
+
+Every sum is centred (``xhat`` comes from ``x - mean`` in float64, never from
+``E[x*dy] - E[x]E[dy]``) and accumulated in float64 for every dtype, in
+``LANES`` independent lanes, over a partition of the work fixed by the shape
+alone, so results are bitwise identical for any thread count.  Three kernels:
+
+``rows_backward``
+    LayerNorm / RMSNorm: one row (the normalized elements) at a time, fused:
+    the row is loaded once into a float64 buffer, reduced, and ``dx`` written
+    from the buffer while it is hot.  Parameter sums go to one partial
+    accumulator per task (a fixed range of rows), merged by the caller.
+``cells_reduce``
+    BatchNorm / GroupNorm / InstanceNorm: per-*cell* sums ``Σ (x - m)``,
+    ``Σ gv``, ``Σ gv * xhat`` over a canonical ``(O, R1, K, R0)`` view (cells
+    are the kept ``(o, k)`` positions), per fixed chunk of ``R1``.
+``dx_4d``
+    The elementwise ``dx`` pass of those layers over a canonical 4-d view.
+
+Arithmetic is float64 throughout; results are rounded once to the output
+dtype (float16 through float32, like the forward pass).
+"""
+from libc.stdint cimport uint16_t
+from libc.stdlib cimport malloc, free
+from libc.math cimport erf, tanh, exp
+from cython.parallel cimport prange
+cimport numpy as cnp
+
+cnp.import_array()
+
+cdef extern from "_simd.h" nogil:
+    double cn_half_to_double(uint16_t h)
+    uint16_t cn_double_to_half(double d)
+    void cn_half8_to_double(const uint16_t *p, double *out)
+    void cn_double8_to_half(const double *inp, uint16_t *p)
+    const char *cn_isa_name()
+
+# Fused inner loops with restrict-qualified pointers (no aliasing between the
+# L1 buffers), so that the compiler keeps the lanes in registers and vectorizes
+# each loop as one pass.  Plain C99; rounding is exactly the one written.
+cdef extern from *:
+    """
+    #include <string.h>
+    #define CNB_LANES 8
+    /* eight float64 lanes as one GCC/Clang vector: each lane is its own
+       accumulator, with IEEE operations per lane on every ISA (SSE2 splits it
+       into four registers, AVX-512 uses one) -- the lanes are the same numbers */
+    typedef double cnb_v8 __attribute__((vector_size(64), aligned(8)));
+    static inline cnb_v8 cnb_ld(const double *p) { cnb_v8 v; memcpy(&v, p, sizeof v); return v; }
+    static inline void cnb_st(double *p, cnb_v8 v) { memcpy(p, &v, sizeof v); }
+
+    /* a1 += w*g, a2 += w*g*xh (lanes); with pvec also pw += g*xh, pb += g */
+    static inline void cnb_wsums(const double *restrict xh, const double *restrict g,
+                                 const double *restrict w, int pvec,
+                                 double *restrict pw, double *restrict pb, Py_ssize_t n,
+                                 double *restrict a1, double *restrict a2) {
+        cnb_v8 s1 = cnb_ld(a1), s2 = cnb_ld(a2);
+        Py_ssize_t i, nv = n - n % CNB_LANES;
+        if (pvec) {
+            for (i = 0; i < nv; i += CNB_LANES) {
+                cnb_v8 gg = cnb_ld(g + i), v = cnb_ld(xh + i), t = cnb_ld(w + i) * gg;
+                s1 += t;
+                s2 += t * v;
+                cnb_st(pw + i, cnb_ld(pw + i) + gg * v);
+                cnb_st(pb + i, cnb_ld(pb + i) + gg);
+            }
+        } else {
+            double w0 = w[0];
+            for (i = 0; i < nv; i += CNB_LANES) {
+                cnb_v8 t = w0 * cnb_ld(g + i);
+                s1 += t;
+                s2 += t * cnb_ld(xh + i);
+            }
+        }
+        cnb_st(a1, s1);
+        cnb_st(a2, s2);
+        for (i = nv; i < n; i++) {
+            double gg = g[i], v = xh[i], t = (pvec ? w[i] : w[0]) * gg;
+            a1[i - nv] += t;
+            a2[i - nv] += t * v;
+            if (pvec) {
+                pw[i] += gg * v;
+                pb[i] += gg;
+            }
+        }
+    }
+    /* a += c (lanes) */
+    static inline void cnb_sum(const double *restrict c, Py_ssize_t n, double *restrict a) {
+        cnb_v8 s = cnb_ld(a);
+        Py_ssize_t i, nv = n - n % CNB_LANES;
+        for (i = 0; i < nv; i += CNB_LANES) s += cnb_ld(c + i);
+        cnb_st(a, s);
+        for (i = nv; i < n; i++) a[i - nv] += c[i];
+    }
+    /* a1 += g, a2 += g*xh (lanes) */
+    static inline void cnb_gsums(const double *restrict xh, const double *restrict g,
+                                 Py_ssize_t n, double *restrict a1, double *restrict a2) {
+        cnb_v8 s1 = cnb_ld(a1), s2 = cnb_ld(a2);
+        Py_ssize_t i, nv = n - n % CNB_LANES;
+        for (i = 0; i < nv; i += CNB_LANES) {
+            cnb_v8 gg = cnb_ld(g + i);
+            s1 += gg;
+            s2 += gg * cnb_ld(xh + i);
+        }
+        cnb_st(a1, s1);
+        cnb_st(a2, s2);
+        for (i = nv; i < n; i++) {
+            a1[i - nv] += g[i];
+            a2[i - nv] += g[i] * xh[i];
+        }
+    }
+    /* ---- the fast row path: no activation, contiguous float32/float64 rows ----
+       x and dy are read straight from memory (converted in registers), sums
+       in 16 lanes (two vectors: no add-latency chain), dx stored directly. */
+    typedef float cnb_v8f __attribute__((vector_size(32), aligned(4)));
+    #if defined(__AVX512F__)
+    #include <immintrin.h>
+    static inline cnb_v8 cnb_ld_f(const float *p) {
+        return (cnb_v8)_mm512_cvtps_pd(_mm256_loadu_ps(p));
+    }
+    static inline void cnb_st_f(float *p, cnb_v8 v) {
+        _mm256_storeu_ps(p, _mm512_cvtpd_ps((__m512d)v));
+    }
+    #else
+    static inline cnb_v8 cnb_ld_f(const float *p) {
+        cnb_v8f v; memcpy(&v, p, sizeof v); return __builtin_convertvector(v, cnb_v8);
+    }
+    static inline void cnb_st_f(float *p, cnb_v8 v) {
+        cnb_v8f f = __builtin_convertvector(v, cnb_v8f); memcpy(p, &f, sizeof f);
+    }
+    #endif
+    static inline cnb_v8 cnb_ld_d(const double *p) { return cnb_ld(p); }
+    static inline void cnb_st_d(double *p, cnb_v8 v) { cnb_st(p, v); }
+
+    /* (x - m) - ml, skipping the exact "- 0.0" when the loop-invariant z says ml == 0
+       (x - 0.0 == x for every x, so the result is the same bits; GCC unswitches the loop) */
+    #define CNB_C(x, m, ml, z) ((z) ? ((x) - (m)) : (((x) - (m)) - (ml)))
+    #define CNB_ROW(T, S)                                                                   \
+    /* a[0:16] += x - m */                                                                  \
+    static inline void cnb_rowA_##S(const T *restrict x, Py_ssize_t n, double m,            \
+                                    double *restrict a) {                                   \
+        cnb_v8 s0 = cnb_ld(a), s1 = cnb_ld(a + 8);                                          \
+        Py_ssize_t i, nv = n - n % 16;                                                      \
+        for (i = 0; i < nv; i += 16) {                                                      \
+            s0 += cnb_ld_##S(x + i) - m;                                                    \
+            s1 += cnb_ld_##S(x + i + 8) - m;                                                \
+        }                                                                                   \
+        cnb_st(a, s0); cnb_st(a + 8, s1);                                                   \
+        for (i = nv; i < n; i++) a[i - nv] += (double)x[i] - m;                             \
+    }                                                                                       \
+    /* a[0:16] += w*dy, a[16:32] += w*dy*xh; with pvec pw += dy*xh, pb += dy */             \
+    static inline void cnb_rowB_##S(const T *restrict x, const T *restrict dy, Py_ssize_t n, \
+                                    double m, double ml, double r, const double *restrict w,\
+                                    int pvec, double *restrict pw, double *restrict pb,     \
+                                    double *restrict a) {                                   \
+        cnb_v8 s1a = cnb_ld(a), s1b = cnb_ld(a + 8), s2a = cnb_ld(a + 16), s2b = cnb_ld(a + 24); \
+        Py_ssize_t i, nv = n - n % 16;                                                      \
+        const int z = ml == 0.0;                                                            \
+        if (pvec) {                                                                         \
+            for (i = 0; i < nv; i += 16) {                                                  \
+                cnb_v8 v = CNB_C(cnb_ld_##S(x + i), m, ml, z) * r, g = cnb_ld_##S(dy + i); \
+                cnb_v8 t = cnb_ld(w + i) * g;                                               \
+                s1a += t; s2a += t * v;                                                     \
+                cnb_st(pw + i, cnb_ld(pw + i) + g * v);                                     \
+                cnb_st(pb + i, cnb_ld(pb + i) + g);                                         \
+                v = CNB_C(cnb_ld_##S(x + i + 8), m, ml, z) * r; g = cnb_ld_##S(dy + i + 8);\
+                t = cnb_ld(w + i + 8) * g;                                                  \
+                s1b += t; s2b += t * v;                                                     \
+                cnb_st(pw + i + 8, cnb_ld(pw + i + 8) + g * v);                             \
+                cnb_st(pb + i + 8, cnb_ld(pb + i + 8) + g);                                 \
+            }                                                                               \
+        } else {                                                                            \
+            double w0 = w[0];                                                               \
+            for (i = 0; i < nv; i += 16) {                                                  \
+                cnb_v8 v = CNB_C(cnb_ld_##S(x + i), m, ml, z) * r, t = w0 * cnb_ld_##S(dy + i);\
+                s1a += t; s2a += t * v;                                                     \
+                v = CNB_C(cnb_ld_##S(x + i + 8), m, ml, z) * r; t = w0 * cnb_ld_##S(dy + i + 8);\
+                s1b += t; s2b += t * v;                                                     \
+            }                                                                               \
+        }                                                                                   \
+        cnb_st(a, s1a); cnb_st(a + 8, s1b); cnb_st(a + 16, s2a); cnb_st(a + 24, s2b);       \
+        for (i = nv; i < n; i++) {                                                          \
+            double v = (((double)x[i] - m) - ml) * r, g = (double)dy[i];                    \
+            double t = (pvec ? w[i] : w[0]) * g;                                            \
+            a[i - nv] += t; a[16 + i - nv] += t * v;                                        \
+            if (pvec) { pw[i] += g * v; pb[i] += g; }                                       \
+        }                                                                                   \
+    }                                                                                       \
+    /* dx = ((w*dy - a) - xh*bb) * r */                                                     \
+    static inline void cnb_rowC_##S(const T *restrict x, const T *restrict dy,              \
+                                    T *restrict dx, Py_ssize_t n, double m, double ml,      \
+                                    double r, const double *restrict w, int pvec,           \
+                                    double a, double bb) {                                  \
+        Py_ssize_t i, nv = n - n % 8;                                                       \
+        double w0 = w[0];                                                                   \
+        const int z = ml == 0.0;                                                            \
+        for (i = 0; i < nv; i += 8) {                                                       \
+            cnb_v8 v = CNB_C(cnb_ld_##S(x + i), m, ml, z) * r, g = cnb_ld_##S(dy + i);     \
+            cnb_v8 wg = pvec ? cnb_ld(w + i) * g : w0 * g;                                  \
+            cnb_st_##S(dx + i, ((wg - a) - v * bb) * r);                                    \
+        }                                                                                   \
+        for (i = nv; i < n; i++) {                                                          \
+            double v = (((double)x[i] - m) - ml) * r;                                       \
+            dx[i] = (T)((((pvec ? w[i] : w0) * (double)dy[i] - a) - v * bb) * r);          \
+        }                                                                                   \
+    }                                                                                       \
+    /* per-cell sums: a[0:16] += (x - mh) - ml, a[16:32] += dy, a[32:48] += dy*xh */    \
+    static inline void cnb_cell_##S(const T *restrict x, const T *restrict dy, Py_ssize_t n, \
+                                    double mh, double ml, double r, int want_dy,            \
+                                    double *restrict a) {                                   \
+        cnb_v8 c0 = cnb_ld(a), c1 = cnb_ld(a + 8), g0 = cnb_ld(a + 16), g1 = cnb_ld(a + 24); \
+        cnb_v8 p0 = cnb_ld(a + 32), p1 = cnb_ld(a + 40);                                    \
+        Py_ssize_t i, nv = n - n % 16;                                                      \
+        if (want_dy) {                                                                      \
+            for (i = 0; i < nv; i += 16) {                                                  \
+                cnb_v8 c = (cnb_ld_##S(x + i) - mh) - ml, g = cnb_ld_##S(dy + i);          \
+                c0 += c; g0 += g; p0 += g * (c * r);                                        \
+                c = (cnb_ld_##S(x + i + 8) - mh) - ml; g = cnb_ld_##S(dy + i + 8);         \
+                c1 += c; g1 += g; p1 += g * (c * r);                                        \
+            }                                                                               \
+        } else {                                                                            \
+            for (i = 0; i < nv; i += 16) {                                                  \
+                c0 += (cnb_ld_##S(x + i) - mh) - ml;                                        \
+                c1 += (cnb_ld_##S(x + i + 8) - mh) - ml;                                    \
+            }                                                                               \
+        }                                                                                   \
+        cnb_st(a, c0); cnb_st(a + 8, c1); cnb_st(a + 16, g0); cnb_st(a + 24, g1);           \
+        cnb_st(a + 32, p0); cnb_st(a + 40, p1);                                             \
+        for (i = nv; i < n; i++) {                                                          \
+            double c = ((double)x[i] - mh) - ml;                                            \
+            a[i - nv] += c;                                                                 \
+            if (want_dy) {                                                                  \
+                double g = (double)dy[i];                                                   \
+                a[16 + i - nv] += g;                                                        \
+                a[32 + i - nv] += g * (c * r);                                              \
+            }                                                                               \
+        }                                                                                   \
+    }                                                                                       \
+    /* column sums over one row of a tile: a0 += (x - mh) - ml, a1 += dy, a2 += dy*xh */ \
+    static inline void cnb_cols_##S(const T *restrict x, const T *restrict dy, Py_ssize_t n,\
+                                    const double *restrict mh, const double *restrict ml,   \
+                                    const double *restrict r, int want_dy,                  \
+                                    double *restrict a0, double *restrict a1,               \
+                                    double *restrict a2) {                                  \
+        Py_ssize_t i;                                                                       \
+        if (want_dy && ml == NULL) {  /* no low part of the mean: one subtraction less */  \
+            for (i = 0; i < n; i++) {                                                       \
+                double c = (double)x[i] - mh[i], g = (double)dy[i];                         \
+                a0[i] += c; a1[i] += g; a2[i] += g * (c * r[i]);                            \
+            }                                                                               \
+        } else if (want_dy) {                                                               \
+            for (i = 0; i < n; i++) {                                                       \
+                double c = ((double)x[i] - mh[i]) - ml[i], g = (double)dy[i];               \
+                a0[i] += c; a1[i] += g; a2[i] += g * (c * r[i]);                            \
+            }                                                                               \
+        } else if (ml == NULL) {                                                            \
+            for (i = 0; i < n; i++) a0[i] += (double)x[i] - mh[i];                          \
+        } else {                                                                            \
+            for (i = 0; i < n; i++) a0[i] += ((double)x[i] - mh[i]) - ml[i];                \
+        }                                                                                   \
+    }                                                                                       \
+    /* dx with per-element statistics and parameters (channels last) */                    \
+    static inline void cnb_dxvec_##S(const T *restrict x, const T *restrict dy,             \
+                                     T *restrict dx, Py_ssize_t n,                          \
+                                     const double *restrict mh, const double *restrict ml,  \
+                                     const double *restrict r, const double *restrict a,    \
+                                     const double *restrict bb, const double *restrict w) { \
+        Py_ssize_t i;                                                                       \
+        if (ml == NULL) {  /* no low part of the mean */                                    \
+            for (i = 0; i < n; i++) {                                                       \
+                double v = ((double)x[i] - mh[i]) * r[i];                                   \
+                dx[i] = (T)(((w[i] * (double)dy[i] - a[i]) - v * bb[i]) * r[i]);            \
+            }                                                                               \
+            return;                                                                         \
+        }                                                                                   \
+        for (i = 0; i < n; i++) {                                                           \
+            double v = (((double)x[i] - mh[i]) - ml[i]) * r[i];                             \
+            dx[i] = (T)(((w[i] * (double)dy[i] - a[i]) - v * bb[i]) * r[i]);                \
+        }                                                                                   \
+    }                                                                                       \
+    /* four rows at once, per-element parameters: the parameter sums are loaded and   \
+       stored once per four rows (the same additions in the same order as row by row), \
+       each row keeps the 16 lanes of cnb_rowB; a: 4 x 32 lanes */                      \
+    static inline void cnb_rowB4_##S(const T *restrict x0, const T *restrict x1,          \
+                                     const T *restrict x2, const T *restrict x3,          \
+                                     const T *restrict y0, const T *restrict y1,          \
+                                     const T *restrict y2, const T *restrict y3,          \
+                                     Py_ssize_t n, const double *restrict m,              \
+                                     const double *restrict ml, const double *restrict r, \
+                                     const double *restrict w, double *restrict pw,      \
+                                     double *restrict pb, double *restrict a) {           \
+        const T *xr[4] = {x0, x1, x2, x3}, *yr[4] = {y0, y1, y2, y3};                    \
+        cnb_v8 s1a[4], s1b[4], s2a[4], s2b[4];                                            \
+        Py_ssize_t i, nv = n - n % 16;                                                    \
+        int q;                                                                            \
+        const int z = ml[0] == 0.0 && ml[1] == 0.0 && ml[2] == 0.0 && ml[3] == 0.0;       \
+        for (q = 0; q < 4; q++) {                                                         \
+            s1a[q] = cnb_ld(a + 32 * q); s1b[q] = cnb_ld(a + 32 * q + 8);                 \
+            s2a[q] = cnb_ld(a + 32 * q + 16); s2b[q] = cnb_ld(a + 32 * q + 24);           \
+        }                                                                                 \
+        for (i = 0; i < nv; i += 16) {                                                    \
+            cnb_v8 wa = cnb_ld(w + i), wb = cnb_ld(w + i + 8);                            \
+            cnb_v8 pwa = cnb_ld(pw + i), pwb = cnb_ld(pw + i + 8);                        \
+            cnb_v8 pba = cnb_ld(pb + i), pbb = cnb_ld(pb + i + 8);                        \
+            for (q = 0; q < 4; q++) {                                                     \
+                cnb_v8 v = CNB_C(cnb_ld_##S(xr[q] + i), m[q], ml[q], z) * r[q];           \
+                cnb_v8 g = cnb_ld_##S(yr[q] + i), t = wa * g;                             \
+                s1a[q] += t; s2a[q] += t * v; pwa += g * v; pba += g;                     \
+                v = CNB_C(cnb_ld_##S(xr[q] + i + 8), m[q], ml[q], z) * r[q];              \
+                g = cnb_ld_##S(yr[q] + i + 8); t = wb * g;                                \
+                s1b[q] += t; s2b[q] += t * v; pwb += g * v; pbb += g;                     \
+            }                                                                             \
+            cnb_st(pw + i, pwa); cnb_st(pw + i + 8, pwb);                                 \
+            cnb_st(pb + i, pba); cnb_st(pb + i + 8, pbb);                                 \
+        }                                                                                 \
+        for (q = 0; q < 4; q++) {                                                         \
+            cnb_st(a + 32 * q, s1a[q]); cnb_st(a + 32 * q + 8, s1b[q]);                   \
+            cnb_st(a + 32 * q + 16, s2a[q]); cnb_st(a + 32 * q + 24, s2b[q]);             \
+        }                                                                                 \
+        for (i = nv; i < n; i++)                                                          \
+            for (q = 0; q < 4; q++) {                                                     \
+                double v = (((double)xr[q][i] - m[q]) - ml[q]) * r[q], g = (double)yr[q][i]; \
+                double t = w[i] * g;                                                      \
+                a[32 * q + i - nv] += t; a[32 * q + 16 + i - nv] += t * v;                \
+                pw[i] += g * v; pb[i] += g;                                               \
+            }                                                                             \
+    }
+    CNB_ROW(float, f)
+    CNB_ROW(double, d)
+
+    /* out = ((w*g - a) - xh*bb) * r with scalar a, bb, r */
+    static inline void cnb_dx_scalar(double *restrict out, const double *restrict xh,
+                                     const double *restrict g, const double *restrict w,
+                                     int pvec, Py_ssize_t n, double a, double bb, double r) {
+        Py_ssize_t i;
+        if (pvec) {
+            for (i = 0; i < n; i++) out[i] = ((w[i] * g[i] - a) - xh[i] * bb) * r;
+        } else {
+            double w0 = w[0];
+            for (i = 0; i < n; i++) out[i] = ((w0 * g[i] - a) - xh[i] * bb) * r;
+        }
+    }
+    /* xh = ((x - m) - ml) * r from contiguous float or double input */
+    static inline void cnb_xhat_f32(double *restrict xh, const float *restrict x, Py_ssize_t n,
+                                    double m, double ml, double r) {
+        Py_ssize_t i;
+        for (i = 0; i < n; i++) xh[i] = (((double)x[i] - m) - ml) * r;
+    }
+    static inline void cnb_xhat_f64(double *restrict xh, const double *restrict x, Py_ssize_t n,
+                                    double m, double ml, double r) {
+        Py_ssize_t i;
+        for (i = 0; i < n; i++) xh[i] = ((x[i] - m) - ml) * r;
+    }
+    """
+    void cnb_wsums(const double* xh, const double* g, const double* w, int pvec, double* pw,
+                   double* pb, Py_ssize_t n, double* a1, double* a2) noexcept nogil
+    void cnb_sum(const double* c, Py_ssize_t n, double* a) noexcept nogil
+    void cnb_gsums(const double* xh, const double* g, Py_ssize_t n, double* a1,
+                   double* a2) noexcept nogil
+    void cnb_dx_scalar(double* out, const double* xh, const double* g, const double* w,
+                       int pvec, Py_ssize_t n, double a, double bb, double r) noexcept nogil
+    void cnb_rowA_f(const float* x, Py_ssize_t n, double m, double* a) noexcept nogil
+    void cnb_rowA_d(const double* x, Py_ssize_t n, double m, double* a) noexcept nogil
+    void cnb_rowB_f(const float* x, const float* dy, Py_ssize_t n, double m, double ml, double r,
+                    const double* w, int pvec, double* pw, double* pb, double* a) noexcept nogil
+    void cnb_rowB_d(const double* x, const double* dy, Py_ssize_t n, double m, double ml,
+                    double r, const double* w, int pvec, double* pw, double* pb,
+                    double* a) noexcept nogil
+    void cnb_rowC_f(const float* x, const float* dy, float* dx, Py_ssize_t n, double m,
+                    double ml, double r, const double* w, int pvec, double a,
+                    double bb) noexcept nogil
+    void cnb_rowC_d(const double* x, const double* dy, double* dx, Py_ssize_t n, double m,
+                    double ml, double r, const double* w, int pvec, double a,
+                    double bb) noexcept nogil
+    void cnb_cell_f(const float* x, const float* dy, Py_ssize_t n, double mh, double ml,
+                    double r, int want_dy, double* a) noexcept nogil
+    void cnb_cell_d(const double* x, const double* dy, Py_ssize_t n, double mh, double ml,
+                    double r, int want_dy, double* a) noexcept nogil
+    void cnb_cols_f(const float* x, const float* dy, Py_ssize_t n, const double* mh,
+                    const double* ml, const double* r, int want_dy, double* a0, double* a1,
+                    double* a2) noexcept nogil
+    void cnb_cols_d(const double* x, const double* dy, Py_ssize_t n, const double* mh,
+                    const double* ml, const double* r, int want_dy, double* a0, double* a1,
+                    double* a2) noexcept nogil
+    void cnb_dxvec_f(const float* x, const float* dy, float* dx, Py_ssize_t n, const double* mh,
+                     const double* ml, const double* r, const double* a, const double* bb,
+                     const double* w) noexcept nogil
+    void cnb_dxvec_d(const double* x, const double* dy, double* dx, Py_ssize_t n,
+                     const double* mh, const double* ml, const double* r, const double* a,
+                     const double* bb, const double* w) noexcept nogil
+    void cnb_rowB4_f(const float* x0, const float* x1, const float* x2, const float* x3,
+                     const float* y0, const float* y1, const float* y2, const float* y3,
+                     Py_ssize_t n, const double* m, const double* ml, const double* r,
+                     const double* w, double* pw, double* pb, double* a) noexcept nogil
+    void cnb_rowB4_d(const double* x0, const double* x1, const double* x2, const double* x3,
+                     const double* y0, const double* y1, const double* y2, const double* y3,
+                     Py_ssize_t n, const double* m, const double* ml, const double* r,
+                     const double* w, double* pw, double* pb, double* a) noexcept nogil
+    void cnb_xhat_f32(double* xh, const float* x, Py_ssize_t n, double m, double ml,
+                      double r) noexcept nogil
+    void cnb_xhat_f64(double* xh, const double* x, Py_ssize_t n, double m, double ml,
+                      double r) noexcept nogil
+
+
+ctypedef fused io_t:
+    uint16_t
+    float
+    double
+
+DEF CHUNK = 256          # elements per L1 chunk
+DEF LANES = 8            # independent accumulators of the scalar sums
+DEF ROWBUF = 16384       # rows up to this length are kept in a float64 buffer
+DEF TILE = 128           # columns per tile of the column reduction
+DEF SERIAL_WORK = 32768  # below this many elements, never start threads
+
+# activation codes (must match _engine.ACTIVATIONS)
+DEF ACT_NONE = 0
+DEF ACT_RELU = 1
+DEF ACT_GELU = 2
+DEF ACT_GELU_TANH = 3
+DEF ACT_SILU = 4
+
+
+def isa():
+    return cn_isa_name().decode()
+
+
+# ---------------------------------------------------------------- loads and stores
+cdef inline void load_chunk(const char* x, Py_ssize_t xs, Py_ssize_t n, double* buf,
+                            const io_t* tag) noexcept nogil:
+    cdef Py_ssize_t i, nv
+    if xs == sizeof(io_t):
+        if io_t is uint16_t:
+            nv = (n // 8) * 8
+            for i in range(0, nv, 8):
+                cn_half8_to_double(<const uint16_t*>x + i, buf + i)
+            for i in range(nv, n):
+                buf[i] = cn_half_to_double((<const uint16_t*>x)[i])
+        else:
+            for i in range(n):
+                buf[i] = <double>(<const io_t*>x)[i]
+    else:
+        for i in range(n):
+            if io_t is uint16_t:
+                buf[i] = cn_half_to_double((<const uint16_t*>(x + i * xs))[0])
+            else:
+                buf[i] = <double>(<const io_t*>(x + i * xs))[0]
+
+
+cdef inline void store_chunk(char* y, Py_ssize_t ys, Py_ssize_t n, const double* buf,
+                             const io_t* tag) noexcept nogil:
+    cdef Py_ssize_t i, nv
+    if ys == sizeof(io_t):
+        if io_t is uint16_t:
+            nv = (n // 8) * 8
+            for i in range(0, nv, 8):
+                cn_double8_to_half(buf + i, <uint16_t*>y + i)
+            for i in range(nv, n):
+                (<uint16_t*>y)[i] = cn_double_to_half(buf[i])
+        else:
+            for i in range(n):
+                (<io_t*>y)[i] = <io_t>buf[i]
+    else:
+        for i in range(n):
+            if io_t is uint16_t:
+                (<uint16_t*>(y + i * ys))[0] = cn_double_to_half(buf[i])
+            else:
+                (<io_t*>(y + i * ys))[0] = <io_t>buf[i]
+
+
+cdef inline void load_xhat(const char* x, Py_ssize_t xs, Py_ssize_t n, double* buf, double m,
+                           double ml, double r, const io_t* tag) noexcept nogil:
+    """buf = ((x - m) - ml) * r in float64 (scalar statistics)."""
+    cdef Py_ssize_t i
+    if io_t is float:
+        if xs == sizeof(float):
+            cnb_xhat_f32(buf, <const float*>x, n, m, ml, r)
+            return
+    elif io_t is double:
+        if xs == sizeof(double):
+            cnb_xhat_f64(buf, <const double*>x, n, m, ml, r)
+            return
+    load_chunk(x, xs, n, buf, tag)
+    for i in range(n):
+        buf[i] = ((buf[i] - m) - ml) * r
+
+
+# ---------------------------------------------------------------- activation derivatives
+cdef inline double dact(double v, int act) noexcept nogil:
+    """d act(v) / dv, PyTorch's formulas (relu: 0 at v <= 0)."""
+    cdef double t, s, u
+    if act == ACT_RELU:
+        return 0.0 if v <= 0.0 else 1.0
+    if act == ACT_GELU:
+        return 0.5 * (1.0 + erf(v * 0.7071067811865476)) + v * 0.3989422804014327 * exp(-0.5 * v * v)
+    if act == ACT_GELU_TANH:
+        u = v * v
+        t = tanh(0.7978845608028654 * (v + 0.044715 * u * v))
+        return 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * (0.7978845608028654 * (1.0 + 0.134145 * u))
+    if act == ACT_SILU:
+        s = 1.0 / (1.0 + exp(-v))
+        return s * (1.0 + v * (1.0 - s))
+    return 1.0
+
+
+# ---------------------------------------------------------------- chunk arithmetic
+cdef inline void center_chunk(double* c, Py_ssize_t n, const double* mh, const double* ml,
+                              bint svec) noexcept nogil:
+    """c = (c - mh) - ml, statistics scalar or per element."""
+    cdef Py_ssize_t i
+    cdef double m0, m1
+    if svec:
+        for i in range(n):
+            c[i] = (c[i] - mh[i]) - ml[i]
+    else:
+        m0 = mh[0]
+        m1 = ml[0]
+        for i in range(n):
+            c[i] = (c[i] - m0) - m1
+
+
+cdef inline void scale_chunk(double* c, Py_ssize_t n, const double* r, bint svec) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef double r0
+    if svec:
+        for i in range(n):
+            c[i] = c[i] * r[i]
+    else:
+        r0 = r[0]
+        for i in range(n):
+            c[i] = c[i] * r0
+
+
+cdef inline void xhat_chunk(double* c, Py_ssize_t n, const double* mh, const double* ml,
+                            const double* r, bint svec) noexcept nogil:
+    """c = ((c - mh) - ml) * r, statistics scalar or per element."""
+    cdef Py_ssize_t i
+    cdef double m0, m1, r0
+    if svec:
+        for i in range(n):
+            c[i] = ((c[i] - mh[i]) - ml[i]) * r[i]
+    else:
+        m0 = mh[0]
+        m1 = ml[0]
+        r0 = r[0]
+        for i in range(n):
+            c[i] = ((c[i] - m0) - m1) * r0
+
+
+cdef inline void grad_chunk(const double* xh, double* g, Py_ssize_t n, const double* w,
+                            const double* b, bint pvec, int act) noexcept nogil:
+    """g = dy * act'(xhat * w + b) in place (nothing to do without an activation)."""
+    cdef Py_ssize_t i
+    cdef double w0, b0
+    if act == ACT_NONE:
+        return
+    if pvec:
+        for i in range(n):
+            g[i] = g[i] * dact(xh[i] * w[i] + b[i], act)
+    else:
+        w0 = w[0]
+        b0 = b[0]
+        for i in range(n):
+            g[i] = g[i] * dact(xh[i] * w0 + b0, act)
+
+
+cdef inline void dx_chunk(double* out, const double* xh, const double* g, Py_ssize_t n,
+                          const double* w, bint pvec, const double* a, const double* bb,
+                          const double* r, bint svec) noexcept nogil:
+    """out = ((w * g - a) - xh * bb) * r."""
+    cdef Py_ssize_t i
+    cdef double w0, a0, b0, r0
+    if not svec and pvec:
+        a0 = a[0]
+        b0 = bb[0]
+        r0 = r[0]
+        for i in range(n):
+            out[i] = ((w[i] * g[i] - a0) - xh[i] * b0) * r0
+    elif not svec:
+        w0 = w[0]
+        a0 = a[0]
+        b0 = bb[0]
+        r0 = r[0]
+        for i in range(n):
+            out[i] = ((w0 * g[i] - a0) - xh[i] * b0) * r0
+    elif not pvec:
+        w0 = w[0]
+        for i in range(n):
+            out[i] = ((w0 * g[i] - a[i]) - xh[i] * bb[i]) * r[i]
+    else:
+        for i in range(n):
+            out[i] = ((w[i] * g[i] - a[i]) - xh[i] * bb[i]) * r[i]
+
+
+cdef inline double lane_total(const double* acc) noexcept nogil:
+    cdef double s = 0.0
+    cdef int l
+    for l in range(LANES):
+        s = s + acc[l]
+    return s
+
+
+# ---------------------------------------------------------------- rows: slices laid out as rows
+# A row is one statistics slice of K0 * K1 elements (segments k0 of K1 elements):
+# a LayerNorm/RMSNorm row, a BatchNorm channel (N segments of H*W), an
+# InstanceNorm (sample, channel), a GroupNorm (sample, group) (Cg segments).
+# Parameters are per element of a segment (``pvec``: LayerNorm) or one per
+# segment (the others); ``w + pk0 * k0`` is segment k0's.
+DEF MODE_EVAL = 0     # dx = w*gv*rstd (batch norm with running statistics)
+DEF MODE_RMS = 1      # dx = (w*gv - xhat*bb) * rstd
+DEF MODE_CENTER = 2   # dx = ((w*gv - a) - xhat*bb) * rstd
+
+
+cdef inline void fold_segment(const double* g, const double* gv, int nl, double w0, double* s1,
+                              double* s2, double* pw, double* pb) noexcept nogil:
+    """A segment with one parameter: lanes of Σgv (g) and Σgv*xhat (gv) into the row sums."""
+    cdef double sg = 0.0, sgv = 0.0
+    cdef int l
+    for l in range(nl):
+        sg = sg + g[l]
+        sgv = sgv + gv[l]
+    s1[0] += w0 * sg
+    s2[0] += w0 * sgv
+    if pw != NULL:
+        pw[0] += sgv
+        pb[0] += sg
+
+
+cdef inline void row_coefficients(int mode, double s1, double s2, Py_ssize_t K, double* a,
+                                  double* bb) noexcept nogil:
+    a[0] = s1 / K if mode == MODE_CENTER else 0.0
+    bb[0] = s2 / K if mode != MODE_EVAL else 0.0
+
+
+cdef void row_fast(const char* xr, const char* dyr, char* dxr, Py_ssize_t K0, Py_ssize_t K1,
+                   Py_ssize_t xs0, Py_ssize_t ds0, Py_ssize_t os0, double m, double r, int mode,
+                   bint refine, const double* w, Py_ssize_t pk0, bint pvec, double* pw, double* pb,
+                   const io_t* tag) noexcept nogil:
+    """row_backward without activation on contiguous float32/float64 segments."""
+    cdef double acc[32]
+    cdef double seg[32]
+    cdef double one = 1.0
+    cdef Py_ssize_t K = K0 * K1, k0
+    cdef double ml = 0.0, a, bb, s1 = 0.0, s2 = 0.0, t1 = 0.0, t2 = 0.0
+    cdef const double* wk
+    cdef int l
+    for l in range(32):
+        acc[l] = 0.0
+    if refine:
+        for k0 in range(K0):
+            if io_t is float:
+                cnb_rowA_f(<const float*>(xr + k0 * xs0), K1, m, acc)
+            elif io_t is double:
+                cnb_rowA_d(<const double*>(xr + k0 * xs0), K1, m, acc)
+        for l in range(16):
+            t1 = t1 + acc[l]
+            acc[l] = 0.0
+        ml = t1 / K
+        t1 = 0.0
+    for k0 in range(K0):
+        wk = w + pk0 * k0
+        if pvec:
+            if io_t is float:
+                cnb_rowB_f(<const float*>(xr + k0 * xs0), <const float*>(dyr + k0 * ds0), K1, m, ml,
+                           r, wk, 1, pw + pk0 * k0, pb + pk0 * k0, acc)
+            elif io_t is double:
+                cnb_rowB_d(<const double*>(xr + k0 * xs0), <const double*>(dyr + k0 * ds0), K1, m,
+                           ml, r, wk, 1, pw + pk0 * k0, pb + pk0 * k0, acc)
+        else:
+            for l in range(32):
+                seg[l] = 0.0
+            if io_t is float:
+                cnb_rowB_f(<const float*>(xr + k0 * xs0), <const float*>(dyr + k0 * ds0), K1, m, ml,
+                           r, &one, 0, NULL, NULL, seg)
+            elif io_t is double:
+                cnb_rowB_d(<const double*>(xr + k0 * xs0), <const double*>(dyr + k0 * ds0), K1, m,
+                           ml, r, &one, 0, NULL, NULL, seg)
+            fold_segment(seg, seg + 16, 16, wk[0], &s1, &s2, pw + pk0 * k0 if pw != NULL else NULL,
+                         pb + pk0 * k0 if pw != NULL else NULL)
+    for l in range(16):
+        t1 = t1 + acc[l]
+        t2 = t2 + acc[16 + l]
+    row_coefficients(mode, t1 + s1, t2 + s2, K, &a, &bb)
+    for k0 in range(K0):
+        wk = w + pk0 * k0
+        if io_t is float:
+            cnb_rowC_f(<const float*>(xr + k0 * xs0), <const float*>(dyr + k0 * ds0),
+                       <float*>(dxr + k0 * os0), K1, m, ml, r, wk, pvec, a, bb)
+        elif io_t is double:
+            cnb_rowC_d(<const double*>(xr + k0 * xs0), <const double*>(dyr + k0 * ds0),
+                       <double*>(dxr + k0 * os0), K1, m, ml, r, wk, pvec, a, bb)
+
+
+cdef void row_fast4(const char** xr, const char** dyr, char** dxr, Py_ssize_t K0, Py_ssize_t K1,
+                    Py_ssize_t xs0, Py_ssize_t ds0, Py_ssize_t os0, const double* m,
+                    const double* r, int mode, bint refine, const double* w, Py_ssize_t pk0,
+                    double* pw, double* pb, const io_t* tag) noexcept nogil:
+    """Four rows of row_fast with per-element parameters, the parameter sums blocked."""
+    cdef double acc[128]
+    cdef double ml[4]
+    cdef double a, bb, t1, t2
+    cdef Py_ssize_t K = K0 * K1, k0
+    cdef int l, q
+    for l in range(128):
+        acc[l] = 0.0
+    for q in range(4):
+        ml[q] = 0.0
+        if refine:
+            for k0 in range(K0):
+                if io_t is float:
+                    cnb_rowA_f(<const float*>(xr[q] + k0 * xs0), K1, m[q], acc)
+                elif io_t is double:
+                    cnb_rowA_d(<const double*>(xr[q] + k0 * xs0), K1, m[q], acc)
+            t1 = 0.0
+            for l in range(16):
+                t1 = t1 + acc[l]
+                acc[l] = 0.0
+            ml[q] = t1 / K
+    for k0 in range(K0):
+        if io_t is float:
+            cnb_rowB4_f(<const float*>(xr[0] + k0 * xs0), <const float*>(xr[1] + k0 * xs0),
+                        <const float*>(xr[2] + k0 * xs0), <const float*>(xr[3] + k0 * xs0),
+                        <const float*>(dyr[0] + k0 * ds0), <const float*>(dyr[1] + k0 * ds0),
+                        <const float*>(dyr[2] + k0 * ds0), <const float*>(dyr[3] + k0 * ds0),
+                        K1, m, ml, r, w + pk0 * k0, pw + pk0 * k0, pb + pk0 * k0, acc)
+        elif io_t is double:
+            cnb_rowB4_d(<const double*>(xr[0] + k0 * xs0), <const double*>(xr[1] + k0 * xs0),
+                        <const double*>(xr[2] + k0 * xs0), <const double*>(xr[3] + k0 * xs0),
+                        <const double*>(dyr[0] + k0 * ds0), <const double*>(dyr[1] + k0 * ds0),
+                        <const double*>(dyr[2] + k0 * ds0), <const double*>(dyr[3] + k0 * ds0),
+                        K1, m, ml, r, w + pk0 * k0, pw + pk0 * k0, pb + pk0 * k0, acc)
+    for q in range(4):
+        t1 = 0.0
+        t2 = 0.0
+        for l in range(16):
+            t1 = t1 + acc[32 * q + l]
+            t2 = t2 + acc[32 * q + 16 + l]
+        row_coefficients(mode, t1, t2, K, &a, &bb)
+        for k0 in range(K0):
+            if io_t is float:
+                cnb_rowC_f(<const float*>(xr[q] + k0 * xs0), <const float*>(dyr[q] + k0 * ds0),
+                           <float*>(dxr[q] + k0 * os0), K1, m[q], ml[q], r[q], w + pk0 * k0, 1,
+                           a, bb)
+            elif io_t is double:
+                cnb_rowC_d(<const double*>(xr[q] + k0 * xs0), <const double*>(dyr[q] + k0 * ds0),
+                           <double*>(dxr[q] + k0 * os0), K1, m[q], ml[q], r[q], w + pk0 * k0, 1,
+                           a, bb)
+
+
+cdef void row_backward(const char* xr, const char* dyr, char* dxr, Py_ssize_t K0, Py_ssize_t K1,
+                       const Py_ssize_t* xs, const Py_ssize_t* ds, const Py_ssize_t* os,
+                       double m, double r, int mode, bint refine,
+                       const double* w, const double* b, Py_ssize_t pk0, bint pvec,
+                       double* pw, double* pb, int act, double* xb, double* gb,
+                       const io_t* tag) noexcept nogil:
+    """One row of K0 * K1 elements (strides xs/ds/os [2], bytes); ``w``, ``b``, ``pw``,
+    ``pb`` point at the row's parameters (``pw`` NULL: no parameter sums).
+
+    ``xb``/``gb`` are float64 buffers of the whole row, or NULL (then each
+    pass re-reads the row chunk by chunk).
+    """
+    cdef double xc[CHUNK]
+    cdef double gc[CHUNK]
+    cdef double tc[CHUNK]
+    cdef double acc1[LANES]
+    cdef double acc2[LANES]
+    cdef double sg1[LANES]
+    cdef double sg2[LANES]
+    cdef Py_ssize_t K = K0 * K1, k0, c0, n, j, po
+    cdef double ml = 0.0, a, bb, s1 = 0.0, s2 = 0.0
+    cdef double* xp
+    cdef double* gp
+    cdef int l
+    cdef double zero = 0.0
+    if io_t is not uint16_t:
+        if (act == ACT_NONE and xs[1] == sizeof(io_t) and ds[1] == sizeof(io_t)
+                and os[1] == sizeof(io_t)):
+            row_fast(xr, dyr, dxr, K0, K1, xs[0], ds[0], os[0], m, r, mode, refine, w, pk0, pvec,
+                     pw, pb, tag)
+            return
+    for l in range(LANES):
+        acc1[l] = 0.0
+        acc2[l] = 0.0
+    # pass A (float64 only): the exact residual of the mean, mean_lo = mean(x - mean)
+    if refine:
+        for k0 in range(K0):
+            for c0 in range(0, K1, CHUNK):
+                n = min(CHUNK, K1 - c0)
+                load_chunk(xr + k0 * xs[0] + c0 * xs[1], xs[1], n, xc, tag)
+                center_chunk(xc, n, &m, &zero, False)
+                cnb_sum(xc, n, acc1)
+        ml = lane_total(acc1) / K
+        for l in range(LANES):
+            acc1[l] = 0.0
+    # pass B: slice sums and parameter sums
+    for k0 in range(K0):
+        po = pk0 * k0
+        if not pvec:
+            for l in range(LANES):
+                sg1[l] = 0.0
+                sg2[l] = 0.0
+        for c0 in range(0, K1, CHUNK):
+            n = min(CHUNK, K1 - c0)
+            j = k0 * K1 + c0
+            xp = xb + j if xb != NULL else xc
+            gp = gb + j if xb != NULL else gc
+            load_xhat(xr + k0 * xs[0] + c0 * xs[1], xs[1], n, xp, m, ml, r, tag)
+            load_chunk(dyr + k0 * ds[0] + c0 * ds[1], ds[1], n, gp, tag)
+            if pvec:
+                grad_chunk(xp, gp, n, w + po + c0, b + po + c0, True, act)
+                cnb_wsums(xp, gp, w + po + c0, 1, pw + po + c0, pb + po + c0, n, acc1, acc2)
+            else:
+                grad_chunk(xp, gp, n, w + po, b + po, False, act)
+                cnb_gsums(xp, gp, n, sg1, sg2)
+        if not pvec:
+            fold_segment(sg1, sg2, LANES, w[po], &s1, &s2, pw + po if pw != NULL else NULL,
+                         pb + po if pw != NULL else NULL)
+    row_coefficients(mode, lane_total(acc1) + s1, lane_total(acc2) + s2, K, &a, &bb)
+    # pass C: dx
+    for k0 in range(K0):
+        po = pk0 * k0
+        for c0 in range(0, K1, CHUNK):
+            n = min(CHUNK, K1 - c0)
+            j = k0 * K1 + c0
+            if xb != NULL:
+                xp = xb + j
+                gp = gb + j
+            else:
+                xp = xc
+                gp = gc
+                load_xhat(xr + k0 * xs[0] + c0 * xs[1], xs[1], n, xp, m, ml, r, tag)
+                load_chunk(dyr + k0 * ds[0] + c0 * ds[1], ds[1], n, gp, tag)
+                grad_chunk(xp, gp, n, w + po + (c0 if pvec else 0), b + po + (c0 if pvec else 0),
+                           pvec, act)
+            cnb_dx_scalar(tc, xp, gp, w + po + (c0 if pvec else 0), pvec, n, a, bb, r)
+            store_chunk(dxr + k0 * os[0] + c0 * os[1], os[1], n, tc, tag)
+
+
+cdef void rows4(const char* x, const char* dy, char* dx, const Py_ssize_t* sh,
+                const Py_ssize_t* xs, const Py_ssize_t* ds, const Py_ssize_t* os,
+                const double* mean, const double* rstd, const Py_ssize_t* ss, const double* w,
+                const Py_ssize_t* ps, double* pacc, Py_ssize_t Pp, Py_ssize_t q, int mode,
+                bint refine, const io_t* tag) noexcept nogil:
+    """Rows q .. q+3 through row_fast4 (parameters shared by the rows)."""
+    cdef const char* xr[4]
+    cdef const char* dyr[4]
+    cdef char* dxr[4]
+    cdef double m[4]
+    cdef double r[4]
+    cdef Py_ssize_t i0, i1, so
+    cdef int k
+    for k in range(4):
+        i0 = (q + k) // sh[1]
+        i1 = (q + k) % sh[1]
+        so = i0 * ss[0] + i1 * ss[1]
+        xr[k] = x + i0 * xs[0] + i1 * xs[1]
+        dyr[k] = dy + i0 * ds[0] + i1 * ds[1]
+        dxr[k] = dx + i0 * os[0] + i1 * os[1]
+        m[k] = mean[so]
+        r[k] = rstd[so]
+    row_fast4(xr, dyr, dxr, sh[2], sh[3], xs[2], ds[2], os[2], m, r, mode, refine, w, ps[2],
+              pacc, pacc + Pp, tag)
+
+
+cdef int rows_nd(const char* x, const char* dy, char* dx, const Py_ssize_t* sh,
+                 const Py_ssize_t* xs, const Py_ssize_t* ds, const Py_ssize_t* os,
+                 const double* mean, const double* rstd, const Py_ssize_t* ss,
+                 const double* w, const double* b, const Py_ssize_t* ps, double* pacc,
+                 Py_ssize_t P, Py_ssize_t Pp, Py_ssize_t ntasks, int mode, bint refine, int act, int nthreads,
+                 const io_t* tag) noexcept nogil:
+    """Rows (b0, b1) of K0 * K1 elements; task t takes rows [t*R/T, (t+1)*R/T) and adds
+    its parameter sums to pacc[t] (``P`` sums of gv*xhat at 0, ``P`` of gv at ``Pp``).
+
+    Returns the number of tasks that could not get a row buffer (they ran unbuffered).
+    """
+    cdef Py_ssize_t R = sh[0] * sh[1], K = sh[2] * sh[3], t, q, q0, q1, i0, i1, so, po
+    cdef double* xb
+    cdef double* gb
+    cdef double* pw
+    cdef double* pb
+    cdef int nt = nthreads if R * K >= SERIAL_WORK and ntasks > 1 else 1
+    cdef int unbuffered = 0
+    cdef bint blocked = False
+    if io_t is not uint16_t:
+        # LayerNorm-like rows: contiguous segments, parameters per element, the same for every row
+        blocked = (act == ACT_NONE and pacc != NULL and ps[3] == 1 and ps[0] == 0 and ps[1] == 0
+                   and xs[3] == sizeof(io_t) and ds[3] == sizeof(io_t) and os[3] == sizeof(io_t))
+    for t in prange(ntasks, nogil=True, num_threads=nt, schedule='static'):
+        xb = NULL
+        gb = NULL
+        if K <= ROWBUF:
+            xb = <double*>malloc(2 * K * sizeof(double))
+            if xb != NULL:
+                gb = xb + K
+            else:
+                unbuffered += 1
+        q0 = t * R // ntasks
+        q1 = (t + 1) * R // ntasks
+        if blocked:
+            while q0 + 4 <= q1:
+                rows4(x, dy, dx, sh, xs, ds, os, mean, rstd, ss, w, ps,
+                      pacc + t * 2 * Pp, Pp, q0, mode, refine, tag)
+                q0 = q0 + 4
+        for q in range(q0, q1):
+            i0 = q // sh[1]
+            i1 = q % sh[1]
+            so = i0 * ss[0] + i1 * ss[1]
+            po = i0 * ps[0] + i1 * ps[1]
+            pw = NULL
+            pb = NULL
+            if pacc != NULL:
+                pw = pacc + t * 2 * Pp + po
+                pb = pw + Pp
+            row_backward(x + i0 * xs[0] + i1 * xs[1], dy + i0 * ds[0] + i1 * ds[1],
+                         dx + i0 * os[0] + i1 * os[1], sh[2], sh[3], xs + 2, ds + 2, os + 2,
+                         mean[so], rstd[so], mode, refine, w + po, b + po, ps[2], ps[3] == 1,
+                         pw, pb, act, xb, gb, tag)
+        free(xb)
+    return unbuffered
+
+
+cdef inline bint _dtype_code(cnp.ndarray a, int* code) except False:
+    cdef int t = cnp.PyArray_TYPE(a)
+    if t == cnp.NPY_FLOAT64:
+        code[0] = 2
+    elif t == cnp.NPY_FLOAT32:
+        code[0] = 1
+    elif t == cnp.NPY_FLOAT16:
+        code[0] = 0
+    else:
+        raise TypeError(f"unsupported dtype {a.dtype}")
+    return True
+
+
+cdef inline void _copy4(object seq, Py_ssize_t* out, int n) except *:
+    cdef int i
+    for i in range(n):
+        out[i] = seq[i]
+
+
+cdef inline Py_ssize_t _max_index(const Py_ssize_t* shape, const Py_ssize_t* strides,
+                                  Py_ssize_t off) noexcept:
+    """Largest element index a 4-d strided walk from ``off`` touches (-1 if it goes below 0)."""
+    cdef Py_ssize_t lo = off, hi = off
+    cdef int i
+    for i in range(4):
+        if shape[i] > 1:
+            if strides[i] > 0:
+                hi += (shape[i] - 1) * strides[i]
+            else:
+                lo += (shape[i] - 1) * strides[i]
+    return hi if lo >= 0 else -1
+
+
+def rows_backward(cnp.ndarray x, Py_ssize_t xoff, cnp.ndarray dy, Py_ssize_t dyoff,
+                  cnp.ndarray dx, Py_ssize_t dxoff, shape, xstrides, dystrides, dxstrides,
+                  const double[::1] mean, const double[::1] rstd, Py_ssize_t soff, sstrides,
+                  const double[::1] w, const double[::1] b, Py_ssize_t poff, pstrides, pacc,
+                  int mode, bint refine, int act, int nthreads):
+    """Gradients of slices laid out as rows, over a canonical ``(B0, B1, K0, K1)`` view.
+
+    Parameters
+    ----------
+    x, dy, dx : ndarray
+        Same dtype (float16/32/64); ``dx`` is written.  ``*off`` are byte
+        offsets of element 0, ``*strides`` the byte strides of the view: rows
+        ``(b0, b1)``, each one statistics slice of ``K0 * K1`` elements.
+    mean, rstd : float64, per row at ``soff + b0 * sstrides[0] + b1 * sstrides[1]``
+    w, b : float64 parameters at ``poff + b0*ps[0] + b1*ps[1] + k0*ps[2] + k1*ps[3]``
+        (element strides ``pstrides``; ``ps[3]`` is 1, or 0 for one parameter
+        per segment k0).
+    pacc : float64 ``(T, 2, Pp)`` with ``Pp >= len(w)``, or None
+        Zeroed partial parameter sums, one per task (``T`` tasks, a fixed
+        split of the rows), laid out like ``w``: ``[:, 0] += gv * xhat``,
+        ``[:, 1] += gv``.  Required when ``ps[3] == 1``.  (Pad ``Pp`` so that
+        ``8 * Pp`` is not a multiple of 4096: the two sums of one parameter
+        then never alias in the store buffer.)
+    mode : int
+        0: eval (``dx = w*gv*rstd``), 1: RMS norm, 2: centred (LN/BN/GN/IN).
+    refine : bool
+        Add the exact residual ``mean(x - mean)`` to the mean (float64 data).
+
+    Returns
+    -------
+    int
+        Tasks that ran without a row buffer (memory): results are the same.
+    """
+    cdef Py_ssize_t sh[4]
+    cdef Py_ssize_t xs[4]
+    cdef Py_ssize_t ds[4]
+    cdef Py_ssize_t os[4]
+    cdef Py_ssize_t ss[4]
+    cdef Py_ssize_t ps[4]
+    cdef int cx, cd, co
+    _copy4(shape, sh, 4)
+    _copy4(xstrides, xs, 4)
+    _copy4(dystrides, ds, 4)
+    _copy4(dxstrides, os, 4)
+    _copy4(sstrides, ss, 2)
+    ss[2] = 0
+    ss[3] = 0
+    _copy4(pstrides, ps, 4)
+    _dtype_code(x, &cx)
+    _dtype_code(dy, &cd)
+    _dtype_code(dx, &co)
+    if cx != cd or cx != co:
+        raise TypeError("rows_backward: x, dy and dx must have the same dtype")
+    if ps[3] not in (0, 1):
+        raise ValueError("rows_backward: the inner parameter stride must be 0 or 1")
+    if mode not in (MODE_EVAL, MODE_RMS, MODE_CENTER):
+        raise ValueError(f"rows_backward: unknown mode {mode}")
+    cdef Py_ssize_t K = sh[2] * sh[3], R = sh[0] * sh[1]
+    if R * K == 0:
+        return 0
+    cdef Py_ssize_t P = w.shape[0]
+    if b.shape[0] != P or _max_index(sh, ps, poff) < 0 or _max_index(sh, ps, poff) >= P:
+        raise ValueError("rows_backward: parameter offsets/strides outside w and b")
+    if _max_index(sh, ss, soff) < 0 or _max_index(sh, ss, soff) >= min(mean.shape[0], rstd.shape[0]):
+        raise ValueError("rows_backward: statistics offsets/strides outside mean and rstd")
+    cdef double[:, :, ::1] pv
+    cdef double* pp = NULL
+    cdef Py_ssize_t ntasks, Pp = P
+    if pacc is not None:
+        pv = pacc
+        if pv.shape[0] < 1 or pv.shape[1] != 2 or pv.shape[2] < P:
+            raise ValueError("rows_backward: pacc must have shape (tasks, 2, >= len(w))")
+        ntasks = min(pv.shape[0], R)
+        Pp = pv.shape[2]
+        pp = &pv[0, 0, 0]
+    else:
+        if ps[3] == 1:
+            raise ValueError("rows_backward: per-element parameters need pacc")
+        ntasks = max(1, min(R, 64))
+    cdef const char* xp = <const char*>cnp.PyArray_DATA(x) + xoff
+    cdef const char* dp = <const char*>cnp.PyArray_DATA(dy) + dyoff
+    cdef char* op = <char*>cnp.PyArray_DATA(dx) + dxoff
+    cdef const double* pm = &mean[0] + soff
+    cdef const double* pr = &rstd[0] + soff
+    cdef const double* pw = &w[0] + poff
+    cdef const double* pb = &b[0] + poff
+    cdef double* pa = pp + poff if pp != NULL else NULL
+    cdef int res = 0
+    with nogil:
+        if cx == 2:
+            res = rows_nd(xp, dp, op, sh, xs, ds, os, pm, pr, ss, pw, pb, ps, pa, P, Pp, ntasks, mode,
+                          refine, act, nthreads, <const double*>NULL)
+        elif cx == 1:
+            res = rows_nd(xp, dp, op, sh, xs, ds, os, pm, pr, ss, pw, pb, ps, pa, P, Pp, ntasks, mode,
+                          refine, act, nthreads, <const float*>NULL)
+        else:
+            res = rows_nd(xp, dp, op, sh, xs, ds, os, pm, pr, ss, pw, pb, ps, pa, P, Pp, ntasks, mode,
+                          refine, act, nthreads, <const uint16_t*>NULL)
+    return res
+
+
+# ---------------------------------------------------------------- cells (BatchNorm, GroupNorm, InstanceNorm)
+cdef void cell_rows_task(const char* x, const char* dy, const Py_ssize_t* sh,
+                         const Py_ssize_t* xs, const Py_ssize_t* ds, Py_ssize_t o, Py_ssize_t k,
+                         Py_ssize_t r0, Py_ssize_t r1, double mh, double ml, double r,
+                         double w, double b, int act, bint want_dy, double* out,
+                         const io_t* tag) noexcept nogil:
+    """Sums of one cell (o, k) over rows [r0, r1) of R1 and all of R0 (the inner axis)."""
+    cdef double xc[CHUNK]
+    cdef double gc[CHUNK]
+    cdef double a0[LANES]
+    cdef double a1[LANES]
+    cdef double a2[LANES]
+    cdef Py_ssize_t q, c0, n
+    cdef const char* xrow
+    cdef const char* drow
+    cdef int l
+    cdef double acc[48]
+    cdef double t0 = 0.0, t1 = 0.0, t2 = 0.0
+    if io_t is not uint16_t:
+        if act == ACT_NONE and xs[3] == sizeof(io_t) and ds[3] == sizeof(io_t):
+            for l in range(48):
+                acc[l] = 0.0
+            for q in range(r0, r1):
+                xrow = x + o * xs[0] + q * xs[1] + k * xs[2]
+                drow = dy + o * ds[0] + q * ds[1] + k * ds[2]
+                if io_t is float:
+                    cnb_cell_f(<const float*>xrow, <const float*>drow, sh[3], mh, ml, r, want_dy, acc)
+                else:
+                    cnb_cell_d(<const double*>xrow, <const double*>drow, sh[3], mh, ml, r, want_dy, acc)
+            for l in range(16):
+                t0 = t0 + acc[l]
+                t1 = t1 + acc[16 + l]
+                t2 = t2 + acc[32 + l]
+            out[0] += t0
+            out[1] += t1
+            out[2] += t2
+            return
+    for l in range(LANES):
+        a0[l] = 0.0
+        a1[l] = 0.0
+        a2[l] = 0.0
+    for q in range(r0, r1):
+        xrow = x + o * xs[0] + q * xs[1] + k * xs[2]
+        drow = dy + o * ds[0] + q * ds[1] + k * ds[2]
+        for c0 in range(0, sh[3], CHUNK):
+            n = min(CHUNK, sh[3] - c0)
+            load_chunk(xrow + c0 * xs[3], xs[3], n, xc, tag)
+            center_chunk(xc, n, &mh, &ml, False)
+            cnb_sum(xc, n, a0)
+            if want_dy:
+                scale_chunk(xc, n, &r, False)
+                load_chunk(drow + c0 * ds[3], ds[3], n, gc, tag)
+                grad_chunk(xc, gc, n, &w, &b, False, act)
+                cnb_gsums(xc, gc, n, a1, a2)
+    out[0] += lane_total(a0)
+    out[1] += lane_total(a1)
+    out[2] += lane_total(a2)
+
+
+cdef void cell_cols_task(const char* x, const char* dy, const Py_ssize_t* sh,
+                         const Py_ssize_t* xs, const Py_ssize_t* ds, Py_ssize_t o, Py_ssize_t r0,
+                         Py_ssize_t r1, const double* mh, const double* ml, const double* rs,
+                         const double* w, const double* b, Py_ssize_t cbase, Py_ssize_t sk,
+                         int act, bint want_dy, double* out, double* buf,
+                         const io_t* tag) noexcept nogil:
+    """Sums of the cells (o, 0..K) over rows [r0, r1) of R1 (R0 == 1: k is the inner axis).
+
+    Whole rows of K elements are read in order; ``buf`` holds 8*K doubles
+    (the cells' statistics and the three accumulators).
+    """
+    cdef double xc[TILE]
+    cdef double gc[TILE]
+    cdef Py_ssize_t K = sh[2], q, i, ci, k0, kn
+    cdef double* mt = buf
+    cdef double* lt = buf + K
+    cdef double* rt = buf + 2 * K
+    cdef double* wt = buf + 3 * K
+    cdef double* bt = buf + 4 * K
+    cdef double* a0 = buf + 5 * K
+    cdef double* a1 = buf + 6 * K
+    cdef double* a2 = buf + 7 * K
+    cdef const char* xrow
+    cdef const char* drow
+    cdef bint fast = False
+    cdef const double* lfast = NULL   # NULL: every low part is 0 (x - 0.0 == x: same numbers)
+    for i in range(K):
+        ci = cbase + i * sk
+        mt[i] = mh[ci]
+        lt[i] = ml[ci]
+        if lt[i] != 0.0:
+            lfast = lt
+        rt[i] = rs[ci]
+        wt[i] = w[ci]
+        bt[i] = b[ci]
+        a0[i] = 0.0
+        a1[i] = 0.0
+        a2[i] = 0.0
+    if io_t is not uint16_t:
+        fast = act == ACT_NONE and xs[2] == sizeof(io_t) and ds[2] == sizeof(io_t)
+    for q in range(r0, r1):
+        xrow = x + o * xs[0] + q * xs[1]
+        drow = dy + o * ds[0] + q * ds[1]
+        if fast:
+            if io_t is float:
+                cnb_cols_f(<const float*>xrow, <const float*>drow, K, mt, lfast, rt, want_dy, a0, a1, a2)
+            elif io_t is double:
+                cnb_cols_d(<const double*>xrow, <const double*>drow, K, mt, lfast, rt, want_dy, a0, a1, a2)
+            continue
+        for k0 in range(0, K, TILE):
+            kn = min(TILE, K - k0)
+            load_chunk(xrow + k0 * xs[2], xs[2], kn, xc, tag)
+            center_chunk(xc, kn, mt + k0, lt + k0, True)
+            for i in range(kn):
+                a0[k0 + i] += xc[i]
+            if want_dy:
+                scale_chunk(xc, kn, rt + k0, True)
+                load_chunk(drow + k0 * ds[2], ds[2], kn, gc, tag)
+                grad_chunk(xc, gc, kn, wt + k0, bt + k0, True, act)
+                for i in range(kn):
+                    a1[k0 + i] += gc[i]
+                    a2[k0 + i] += gc[i] * xc[i]
+    for i in range(K):
+        ci = (cbase + i * sk) * 3
+        out[ci] += a0[i]
+        out[ci + 1] += a1[i]
+        out[ci + 2] += a2[i]
+
+
+cdef int cells_nd(const char* x, const char* dy, const Py_ssize_t* sh, const Py_ssize_t* xs,
+                  const Py_ssize_t* ds, Py_ssize_t so, Py_ssize_t sk, Py_ssize_t coff,
+                  const double* mh, const double* ml, const double* rs, const double* w,
+                  const double* b, double* out, Py_ssize_t nchunks, Py_ssize_t ncells,
+                  int act, bint want_dy, int nthreads, const io_t* tag) noexcept nogil:
+    """Tasks: (o, k, chunk) cells of the inner-reduce form, or (o, chunk) of the column form.
+
+    Chunk c covers rows [c*R1/nchunks, (c+1)*R1/nchunks) and writes its own
+    slab ``out[c]`` of shape (ncells, 3): no two tasks touch the same numbers.
+    Returns -1 when a column task could not allocate its buffer.
+    """
+    cdef Py_ssize_t O = sh[0], R1 = sh[1], K = sh[2], R0 = sh[3]
+    cdef Py_ssize_t ntasks, t, c, o, k, ci, rest
+    cdef bint cols = R0 == 1
+    cdef double* buf
+    cdef int nt, failed = 0
+    if cols:
+        ntasks = O * nchunks
+    else:
+        ntasks = O * K * nchunks
+    nt = nthreads if O * R1 * K * R0 >= SERIAL_WORK and ntasks > 1 else 1
+    for t in prange(ntasks, nogil=True, num_threads=nt, schedule='static'):
+        if cols:
+            o = t // nchunks
+            c = t % nchunks
+            buf = <double*>malloc(8 * K * sizeof(double))
+            if buf == NULL:
+                failed += 1
+            else:
+                cell_cols_task(x, dy, sh, xs, ds, o, c * R1 // nchunks, (c + 1) * R1 // nchunks,
+                               mh, ml, rs, w, b, coff + o * so, sk, act, want_dy,
+                               out + c * ncells * 3, buf, tag)
+                free(buf)
+        else:
+            o = t // (K * nchunks)
+            rest = t % (K * nchunks)
+            k = rest // nchunks
+            c = rest % nchunks
+            ci = coff + o * so + k * sk
+            cell_rows_task(x, dy, sh, xs, ds, o, k, c * R1 // nchunks, (c + 1) * R1 // nchunks,
+                           mh[ci], ml[ci], rs[ci], w[ci], b[ci], act, want_dy,
+                           out + (c * ncells + ci) * 3, tag)
+    return -1 if failed else 0
+
+
+def cells_reduce(cnp.ndarray x, Py_ssize_t xoff, cnp.ndarray dy, Py_ssize_t dyoff, shape,
+                 xstrides, dystrides, Py_ssize_t so, Py_ssize_t sk, Py_ssize_t coff,
+                 const double[::1] mh, const double[::1] ml, const double[::1] rstd,
+                 const double[::1] w, const double[::1] b, double[:, :, ::1] out,
+                 int act, bint want_dy, int nthreads):
+    """Per-cell sums over a canonical ``(O, R1, K, R0)`` view, added into ``out``.
+
+    Cells are the kept positions ``(o, k)``; cell ``(o, k)`` has index
+    ``coff + o * so + k * sk`` in the per-cell float64 arrays ``mh``, ``ml``
+    (mean hi/lo), ``rstd``, ``w``, ``b`` and in ``out`` (shape
+    ``(nchunks, ncells, 3)``), which receives, per chunk of ``R1``,
+    ``Σ ((x - mh) - ml)``, ``Σ gv`` and ``Σ gv * xhat``.  With ``want_dy``
+    false only the first sum is taken (``dy`` is not read).  Offsets and x/dy
+    strides are in bytes; the inner-reduce form (``R0 > 1``: a task per cell
+    and chunk) or the column form (``R0 == 1``: a task per o and chunk, whole
+    rows of K in order) is picked from the shape.
+    """
+    cdef Py_ssize_t sh[4]
+    cdef Py_ssize_t xs[4]
+    cdef Py_ssize_t ds[4]
+    cdef int cx, cd
+    _copy4(shape, sh, 4)
+    _copy4(xstrides, xs, 4)
+    _copy4(dystrides, ds, 4)
+    _dtype_code(x, &cx)
+    _dtype_code(dy, &cd)
+    if cx != cd:
+        raise TypeError("cells_reduce: x and dy must have the same dtype")
+    if sh[0] * sh[1] * sh[2] * sh[3] == 0 or out.shape[0] == 0:
+        return
+    cdef Py_ssize_t nchunks = out.shape[0], ncells = out.shape[1]
+    cdef const char* xp = <const char*>cnp.PyArray_DATA(x) + xoff
+    cdef const char* dp = <const char*>cnp.PyArray_DATA(dy) + dyoff
+    cdef double* op = &out[0, 0, 0]
+    cdef int res = 0
+    with nogil:
+        if cx == 2:
+            res = cells_nd(xp, dp, sh, xs, ds, so, sk, coff, &mh[0], &ml[0], &rstd[0], &w[0], &b[0],
+                           op, nchunks, ncells, act, want_dy, nthreads, <const double*>NULL)
+        elif cx == 1:
+            res = cells_nd(xp, dp, sh, xs, ds, so, sk, coff, &mh[0], &ml[0], &rstd[0], &w[0], &b[0],
+                           op, nchunks, ncells, act, want_dy, nthreads, <const float*>NULL)
+        else:
+            res = cells_nd(xp, dp, sh, xs, ds, so, sk, coff, &mh[0], &ml[0], &rstd[0], &w[0], &b[0],
+                           op, nchunks, ncells, act, want_dy, nthreads, <const uint16_t*>NULL)
+    if res < 0:
+        raise MemoryError("cells_reduce: could not allocate a column buffer")
+
+
+# ---------------------------------------------------------------- the elementwise dx pass
+cdef void dx_row(const char* x, Py_ssize_t xs, const char* dy, Py_ssize_t ds, char* dx,
+                 Py_ssize_t os, Py_ssize_t n, const double* mh, const double* ml,
+                 const double* rs, const double* a, const double* bb, Py_ssize_t ss,
+                 const double* w, const double* b, Py_ssize_t ps, int act, bint mlz,
+                 const io_t* tag) noexcept nogil:
+    cdef double xc[CHUNK]
+    cdef double gc[CHUNK]
+    cdef double tc[CHUNK]
+    cdef Py_ssize_t i0, m, so, po
+    if io_t is not uint16_t:
+        if (act == ACT_NONE and ss == 0 and ps == 0 and xs == sizeof(io_t)
+                and ds == sizeof(io_t) and os == sizeof(io_t)):
+            if io_t is float:
+                cnb_rowC_f(<const float*>x, <const float*>dy, <float*>dx, n, mh[0], ml[0], rs[0],
+                           w, 0, a[0], bb[0])
+            else:
+                cnb_rowC_d(<const double*>x, <const double*>dy, <double*>dx, n, mh[0], ml[0],
+                           rs[0], w, 0, a[0], bb[0])
+            return
+        if (act == ACT_NONE and ss == 1 and ps == 1 and xs == sizeof(io_t)
+                and ds == sizeof(io_t) and os == sizeof(io_t)):
+            if io_t is float:
+                cnb_dxvec_f(<const float*>x, <const float*>dy, <float*>dx, n, mh,
+                            NULL if mlz else ml, rs, a, bb, w)
+            else:
+                cnb_dxvec_d(<const double*>x, <const double*>dy, <double*>dx, n, mh,
+                            NULL if mlz else ml, rs, a, bb, w)
+            return
+    for i0 in range(0, n, CHUNK):
+        m = min(CHUNK, n - i0)
+        so = i0 * ss
+        po = i0 * ps
+        load_chunk(x + i0 * xs, xs, m, xc, tag)
+        load_chunk(dy + i0 * ds, ds, m, gc, tag)
+        xhat_chunk(xc, m, mh + so, ml + so, rs + so, ss != 0)
+        grad_chunk(xc, gc, m, w + po, b + po, ps != 0, act)
+        dx_chunk(tc, xc, gc, m, w + po, ps != 0, a + so, bb + so, rs + so, ss != 0)
+        store_chunk(dx + i0 * os, os, m, tc, tag)
+
+
+cdef void dx_nd(const char* x, const char* dy, char* dx, const double* mh, const double* ml,
+                const double* rs, const double* a, const double* bb, const double* w,
+                const double* b, const Py_ssize_t* sh, const Py_ssize_t* xs,
+                const Py_ssize_t* ds, const Py_ssize_t* os, const Py_ssize_t* ss,
+                const Py_ssize_t* ps, int act, bint mlz, int nthreads,
+                const io_t* tag) noexcept nogil:
+    """4-d loop: dims 0..2 outer (flattened across threads), dim 3 the inner row; ``mlz``:
+    every low part of the mean is 0."""
+    cdef Py_ssize_t nrows = sh[0] * sh[1] * sh[2], r, i0, i1, i2, so, po
+    cdef int nt = nthreads if nrows * sh[3] >= SERIAL_WORK and nrows > 1 else 1
+    for r in prange(nrows, nogil=True, num_threads=nt, schedule='static'):
+        i2 = r % sh[2]
+        i1 = (r // sh[2]) % sh[1]
+        i0 = r // (sh[2] * sh[1])
+        so = i0 * ss[0] + i1 * ss[1] + i2 * ss[2]
+        po = i0 * ps[0] + i1 * ps[1] + i2 * ps[2]
+        dx_row(x + i0 * xs[0] + i1 * xs[1] + i2 * xs[2], xs[3],
+               dy + i0 * ds[0] + i1 * ds[1] + i2 * ds[2], ds[3],
+               dx + i0 * os[0] + i1 * os[1] + i2 * os[2], os[3], sh[3],
+               mh + so, ml + so, rs + so, a + so, bb + so, ss[3], w + po, b + po, ps[3], act, mlz,
+               tag)
+
+
+def dx_4d(cnp.ndarray x, Py_ssize_t xoff, cnp.ndarray dy, Py_ssize_t dyoff, cnp.ndarray dx,
+          Py_ssize_t dxoff, const double[::1] mh, const double[::1] ml, const double[::1] rstd,
+          const double[::1] a, const double[::1] bb, Py_ssize_t soff,
+          const double[::1] w, const double[::1] b, Py_ssize_t poff,
+          shape, xstrides, dystrides, dxstrides, sstrides, pstrides, int act, int nthreads):
+    """``dx = ((w * gv - a) - xhat * bb) * rstd`` over a canonical 4-d view.
+
+    x/dy/dx offsets and strides are in bytes; the statistics (``mh``, ``ml``,
+    ``rstd``, ``a``, ``bb``: one layout, offset ``soff``) and parameters
+    (``w``, ``b``: offset ``poff``) in elements, with inner strides 0 or 1.
+    """
+    cdef Py_ssize_t sh[4]
+    cdef Py_ssize_t xs[4]
+    cdef Py_ssize_t ds[4]
+    cdef Py_ssize_t os[4]
+    cdef Py_ssize_t ss[4]
+    cdef Py_ssize_t ps[4]
+    cdef int cx, cd, co
+    _copy4(shape, sh, 4)
+    _copy4(xstrides, xs, 4)
+    _copy4(dystrides, ds, 4)
+    _copy4(dxstrides, os, 4)
+    _copy4(sstrides, ss, 4)
+    _copy4(pstrides, ps, 4)
+    if ss[3] not in (0, 1) or ps[3] not in (0, 1):
+        raise ValueError("dx_4d: inner stat/param strides must be 0 or 1")
+    _dtype_code(x, &cx)
+    _dtype_code(dy, &cd)
+    _dtype_code(dx, &co)
+    if cx != cd or cx != co:
+        raise TypeError("dx_4d: x, dy and dx must have the same dtype")
+    if sh[0] * sh[1] * sh[2] * sh[3] == 0:
+        return
+    cdef const char* xp = <const char*>cnp.PyArray_DATA(x) + xoff
+    cdef const char* dp = <const char*>cnp.PyArray_DATA(dy) + dyoff
+    cdef char* op = <char*>cnp.PyArray_DATA(dx) + dxoff
+    cdef bint mlz = True
+    cdef Py_ssize_t i
+    for i in range(ml.shape[0]):
+        if ml[i] != 0.0:
+            mlz = False
+            break
+    cdef const double* pmh = &mh[0] + soff
+    cdef const double* pml = &ml[0] + soff
+    cdef const double* prs = &rstd[0] + soff
+    cdef const double* pa = &a[0] + soff
+    cdef const double* pbb = &bb[0] + soff
+    cdef const double* pw = &w[0] + poff
+    cdef const double* pb = &b[0] + poff
+    with nogil:
+        if cx == 2:
+            dx_nd(xp, dp, op, pmh, pml, prs, pa, pbb, pw, pb, sh, xs, ds, os, ss, ps, act, mlz,
+                  nthreads, <const double*>NULL)
+        elif cx == 1:
+            dx_nd(xp, dp, op, pmh, pml, prs, pa, pbb, pw, pb, sh, xs, ds, os, ss, ps, act, mlz,
+                  nthreads, <const float*>NULL)
+        else:
+            dx_nd(xp, dp, op, pmh, pml, prs, pa, pbb, pw, pb, sh, xs, ds, os, ss, ps, act, mlz,
+                  nthreads, <const uint16_t*>NULL)
