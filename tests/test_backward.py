@@ -384,19 +384,21 @@ def test_threads_bitwise_identical(layer, shape, kw, act, dtype, backend):
 
 @pytest.mark.parametrize("layer,shape,kw", [THREAD_CASES[0], THREAD_CASES[3], THREAD_CASES[4]],
                          ids=["ln", "bn_nchw", "bn_nhwc"])
+@pytest.mark.parametrize("act", [None, "gelu", "silu"], ids=str)
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
-def test_isa_paths_agree(layer, shape, kw, dtype, isa):
-    """Every compiled ISA path gives the baseline's numbers, bit for bit."""
+def test_isa_paths_agree(layer, shape, kw, dtype, act, isa):
+    """Every compiled ISA path gives the baseline's numbers, bit for bit (the activation
+    derivatives included: no libm calls, no contraction into FMA)."""
     rng = np.random.default_rng(4)
     x = (rng.normal(size=shape) + 1.0).astype(dtype)
     dy = rng.normal(size=shape).astype(dtype)
     ps = _pshape(layer, shape, kw)
     w, b = rng.normal(size=ps), rng.normal(size=ps)
-    got = _run_layer(layer, x, dy, kw, None, "cython", w, b)
+    got = _run_layer(layer, x, dy, kw, act, "cython", w, b)
     previous = _config.isa_selected
     _config.use_isa("baseline")
     try:
-        ref = _run_layer(layer, x, dy, kw, None, "cython", w, b)
+        ref = _run_layer(layer, x, dy, kw, act, "cython", w, b)
     finally:
         _config.use_isa(previous)
     for g, r in zip(got, ref):

@@ -12,6 +12,7 @@ import numpy.typing as npt
 F64 = npt.NDArray[np.float64]
 
 def isa() -> str: ...
+def dact_values(v: F64, act: int) -> F64: ...   # const double[::1], int: act'(v) (tests)
 def rows_backward(
     x: np.ndarray,              # cnp.ndarray: float16/float32/float64
     xoff: int,                  # Py_ssize_t
@@ -19,7 +20,7 @@ def rows_backward(
     dyoff: int,                 # Py_ssize_t
     dx: np.ndarray,             # cnp.ndarray, x's dtype, written
     dxoff: int,                 # Py_ssize_t
-    shape: Sequence[int],       # (B0, B1, K0, K1): rows (b0, b1) of K0*K1 elements
+    shape: Sequence[int],       # (B0, B1, K0, K1): rows (b0, b1), one slice of K0*K1 each
     xstrides: Sequence[int],    # 4 byte strides
     dystrides: Sequence[int],
     dxstrides: Sequence[int],
@@ -27,11 +28,12 @@ def rows_backward(
     rstd: F64,                  # const double[::1], per row
     soff: int,                  # Py_ssize_t
     sstrides: Sequence[int],    # 2 element strides (b0, b1)
-    w: F64,                     # const double[::1], K0*K1 values (pvec) or 1
-    b: F64,                     # const double[::1]
-    pvec: bool,                 # bint
-    pacc: F64 | None,           # double[:, ::1] (T, 2*K0*K1), zeroed; += per task
-    center: bool,               # bint: LayerNorm (True) or RMSNorm
+    w: F64,                     # const double[::1]
+    b: F64,                     # const double[::1], same layout as w
+    poff: int,                  # Py_ssize_t: element offset of the parameters of element 0
+    pstrides: Sequence[int],    # 4 element strides; the last is 1, or 0 (one per segment)
+    pacc: npt.NDArray[np.float64] | None,  # double[:, :, ::1] (T, 2, >= len(w)), zeroed; += per task
+    mode: int,                  # int: 0 eval, 1 RMS norm, 2 centred
     refine: bool,               # bint: add mean(x - mean) to the mean (float64 data)
     act: int,                   # int: activation code
     nthreads: int,              # int

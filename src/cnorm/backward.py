@@ -16,11 +16,17 @@ offsets.  For float64 data the mean the forward returned (rounded to float64)
 is refined by the exact residual ``mean(x - mean)`` of each slice, so ``xhat``
 is the one the forward pass used (its double-double mean) to the last bits.
 
-Layouts: LayerNorm / RMSNorm run a fused row kernel (each row is reduced and
-differentiated while it sits in cache); BatchNorm / GroupNorm / InstanceNorm
-reduce per *cell* (sample, channel) and finish with one elementwise pass.
-Accumulation is float64 for every dtype, over a partition of the work fixed by
-the shape alone: results are bitwise identical for any ``num_threads``.
+Layouts: where a statistics slice is a row in memory (LayerNorm / RMSNorm
+rows; BatchNorm channels, GroupNorm (sample, group) and InstanceNorm
+(sample, channel) slices of NCHW data) a fused row kernel reduces each slice
+and differentiates it while it sits in cache, one read of ``dy`` and ``x``
+from memory.  Otherwise (channels last, or slices too large for the cache and
+too few to share among threads) BatchNorm / GroupNorm / InstanceNorm reduce
+per *cell* (sample, channel) over whole rows of channels and finish with one
+elementwise pass.  Accumulation is float64 for every dtype, over a partition of
+the work fixed by the shape alone: results are bitwise identical for any
+``num_threads`` (and for every ISA path of the Cython kernels).  ``out=``
+writes ``dx`` into a given array (it may be ``dy`` itself).
 """
 from __future__ import annotations
 
