@@ -4,9 +4,17 @@ Stable Welford/Chan mean and variance over any axes, the normalization layers
 built on them (forward and backward), streaming statistics and data
 normalization, with a NumPy API.  ``cnorm.show_config()`` prints the build.
 """
+import os as _os
 from importlib import import_module
 
 __version__ = "0.1.0"
+
+# cnorm's OpenMP workers sleep as soon as a parallel region ends instead of
+# spinning: on small machines shared with other thread pools (PyTorch, Numba,
+# the caller's threads) spinning workers steal the cores and turn a 0.2 ms call
+# into 8 ms.  Set OMP_WAIT_POLICY yourself before importing cnorm to override;
+# it is read by each OpenMP runtime when that runtime loads.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from ._config import get_num_threads, set_num_threads, show_config
 from .moments import mean, moments, std, var

@@ -644,6 +644,111 @@ def norm_rows(cnp.ndarray x, cnp.ndarray y, Py_ssize_t R, Py_ssize_t L, Py_ssize
                 raise TypeError(f"norm_rows: unsupported dtype {x.dtype}")
 
 
+cdef void scale_rows_t(const src_t* x, src_t* y, Py_ssize_t R, Py_ssize_t L, Py_ssize_t xrs,
+                       Py_ssize_t yrs, const double* mh, const double* ml, const double* rs,
+                       Py_ssize_t smod, bint sper, const double* w, const double* b,
+                       Py_ssize_t psub, Py_ssize_t pmod, Py_ssize_t pmul, int act,
+                       int nthreads) noexcept nogil:
+    cdef Py_ssize_t r
+    cdef int nt = nthreads if R * L >= SERIAL_WORK and R > 1 else 1
+    if nt == 1:
+        for r in range(R):
+            scale_row(<const src_t*>(<const char*>x + r * xrs), <src_t*>(<char*>y + r * yrs), L, r,
+                      mh, ml, rs, smod, sper, w, b, psub, pmod, pmul, act)
+        return
+    for r in prange(R, nogil=True, num_threads=nt, schedule='static'):
+        scale_row(<const src_t*>(<const char*>x + r * xrs), <src_t*>(<char*>y + r * yrs), L, r,
+                  mh, ml, rs, smod, sper, w, b, psub, pmod, pmul, act)
+
+
+cdef void scale_row(const src_t* x, src_t* y, Py_ssize_t L, Py_ssize_t r,
+                    const double* mh, const double* ml, const double* rs, Py_ssize_t smod,
+                    bint sper, const double* w, const double* b, Py_ssize_t psub,
+                    Py_ssize_t pmod, Py_ssize_t pmul, int act) noexcept nogil:
+    """The apply pass over one contiguous row with given statistics: per row
+    (index r % smod) or, when ``sper``, per element of the row (channels last)."""
+    cdef double buf[CHUNK]
+    cdef Py_ssize_t i0, m, j, nsub, pbase = (r % pmod) * pmul, si = r % smod
+    if psub == 1 or sper:
+        for i0 in range(0, L, CHUNK):
+            m = min(CHUNK, L - i0)
+            load_chunk(<const char*>(x + i0), sizeof(src_t), m, buf, x)
+            if sper:
+                scale_chunk(buf, m, mh + i0, ml + i0, rs + i0, True, w + pbase + i0,
+                            b + pbase + i0, psub == 1)
+            else:
+                scale_chunk(buf, m, mh + si, ml + si, rs + si, False, w + pbase + i0,
+                            b + pbase + i0, True)
+            if act != ACT_NONE:
+                activate(buf, m, act)
+            store_chunk(<char*>(y + i0), sizeof(src_t), m, buf, x)
+    else:
+        nsub = L // psub
+        for j in range(nsub):
+            for i0 in range(0, psub, CHUNK):
+                m = min(CHUNK, psub - i0)
+                load_chunk(<const char*>(x + j * psub + i0), sizeof(src_t), m, buf, x)
+                scale_chunk(buf, m, mh + si, ml + si, rs + si, False, w + pbase + j,
+                            b + pbase + j, False)
+                if act != ACT_NONE:
+                    activate(buf, m, act)
+                store_chunk(<char*>(y + j * psub + i0), sizeof(src_t), m, buf, x)
+
+
+def scale_rows(cnp.ndarray x, cnp.ndarray y, Py_ssize_t R, Py_ssize_t L, Py_ssize_t xrs,
+               Py_ssize_t yrs, const double[::1] mh, const double[::1] ml, const double[::1] rs,
+               Py_ssize_t smod, bint sper, const double[::1] w, const double[::1] b,
+               Py_ssize_t psub, Py_ssize_t pmod, Py_ssize_t pmul, int act, int nthreads):
+    """The apply pass over R contiguous rows of L elements with given statistics.
+
+    Row r uses statistic ``r % smod`` (``sper=False``: NCHW batch norm, rows
+    are (sample, channel) planes) or statistic i for element i (``sper=True``:
+    channels last, rows are pixels).  Parameters are indexed as in norm_rows
+    (``psub == 1``: per element; ``sper`` needs ``psub == 1``).
+    """
+    if x.dtype != y.dtype:
+        raise TypeError("scale_rows: x and y must have the same dtype")
+    if sper and (psub != 1 or mh.shape[0] < L):
+        raise ValueError("scale_rows: per-element statistics need psub == 1 and L statistics")
+    if not sper and mh.shape[0] < smod:
+        raise ValueError("scale_rows: fewer statistics than smod")
+    if R == 0 or L == 0:
+        return
+    cdef const char* xp = <const char*>cnp.PyArray_DATA(x)
+    cdef char* yp = <char*>cnp.PyArray_DATA(y)
+    cdef int typenum = cnp.PyArray_TYPE(x)
+    with nogil:
+        if typenum == cnp.NPY_FLOAT64:
+            scale_rows_t(<const double*>xp, <double*>yp, R, L, xrs, yrs, &mh[0], &ml[0], &rs[0],
+                         smod, sper, &w[0], &b[0], psub, pmod, pmul, act, nthreads)
+        elif typenum == cnp.NPY_FLOAT32:
+            scale_rows_t(<const float*>xp, <float*>yp, R, L, xrs, yrs, &mh[0], &ml[0], &rs[0],
+                         smod, sper, &w[0], &b[0], psub, pmod, pmul, act, nthreads)
+        elif typenum == cnp.NPY_FLOAT16:
+            scale_rows_t(<const uint16_t*>xp, <uint16_t*>yp, R, L, xrs, yrs, &mh[0], &ml[0],
+                         &rs[0], smod, sper, &w[0], &b[0], psub, pmod, pmul, act, nthreads)
+        else:
+            with gil:
+                raise TypeError(f"scale_rows: unsupported dtype {x.dtype}")
+
+
+def norm_stats(const double[:, ::1] states, double[::1] mh, double[::1] ml, double[::1] var):
+    """Mean (double-double) and biased variance M2/n of each state, for the layers."""
+    cdef Py_ssize_t i, n = states.shape[0]
+    cdef double vh, vl
+    cdef const State* s
+    with nogil:
+        for i in range(n):
+            s = <const State*>&states[i, 0]
+            mh[i] = s.mh
+            ml[i] = s.ml
+            if s.qh != s.qh or s.n == 0:
+                var[i] = NAN
+            else:
+                dd_div_d(s.qh, s.ql, s.n, &vh, &vl)
+                var[i] = vh if vh > 0 else 0.0
+
+
 # ---------------------------------------------------------------- Python entry points
 cdef inline void run_moments(const src_t* x, Py_ssize_t* shape, Py_ssize_t* xs,
                              Py_ssize_t so, Py_ssize_t sk, State* states, int nthreads) noexcept nogil:

@@ -103,14 +103,18 @@ def _states_stats(xa, axes, backend, nthreads):
     """(states, mean_hi, mean_lo, biased var, count) over ``axes``, keepdims shapes."""
     states = _engine.reduce_states(xa, axes, backend=backend, nthreads=nthreads)
     keep = tuple(1 if i in axes else s for i, s in enumerate(xa.shape))
-    mh = states[..., 1].reshape(keep)
-    ml = states[..., 2].reshape(keep)
-    n = states[..., 0].reshape(keep)
-    from ._reference import dd_div
-    with np.errstate(invalid="ignore", divide="ignore"):
-        var, _ = dd_div(states[..., 3], states[..., 4], np.where(states[..., 0] > 0, states[..., 0], 1.0))
-    var = np.where(np.isnan(states[..., 3]), np.nan, np.maximum(var, 0.0)).reshape(keep)
-    return states, mh, ml, var, n
+    flat = states.reshape(-1, _engine.STATE_WIDTH)
+    out = np.empty((3, flat.shape[0]))
+    if _config.HAVE_EXTENSION:
+        _config.kernels.norm_stats(flat, out[0], out[1], out[2])
+    else:
+        from ._reference import dd_div
+        with np.errstate(invalid="ignore", divide="ignore"):
+            var, _ = dd_div(flat[:, 3], flat[:, 4], np.where(flat[:, 0] > 0, flat[:, 0], 1.0))
+        out[0], out[1] = flat[:, 1], flat[:, 2]
+        out[2] = np.where(np.isnan(flat[:, 3]) | (flat[:, 0] == 0), np.nan, np.maximum(var, 0.0))
+    n = flat[:, 0].reshape(keep)
+    return states, out[0].reshape(keep), out[1].reshape(keep), out[2].reshape(keep), n
 
 
 def _mean(mh, ml):
@@ -168,6 +172,40 @@ def _fused_rows(xa, y, nlead, eps, mode, w, b, psub, pmod, pmul, act, backend, n
     _config.kernels.norm_rows(xa, y, R, L, lx[2], ly[2], eps, mode, w1, b1, psub, pmod, pmul,
                               act, mean, var, nthreads)
     return mean, var
+
+
+def _scale_rows(xa, y, nlead, mh, ml, rs, smod, sper, w, b, act, backend, nthreads):
+    """The apply pass as contiguous rows with per-channel statistics (batch norm);
+    returns False when the layout or backend does not allow it."""
+    if backend != "cython" or xa.dtype != y.dtype:
+        return False
+    lx, ly = _rows_layout(xa, nlead), _rows_layout(y, nlead)
+    if lx is None or ly is None or lx[:2] != ly[:2]:
+        return False
+    if y is not xa and np.shares_memory(xa, y) and (lx[2] != ly[2] or xa.ctypes.data != y.ctypes.data):
+        return False
+    R, L = lx[:2]
+    if w is None and b is None:
+        w1, b1, psub, pmod, pmul = _ONE, _ZERO, (1 if sper else max(L, 1)), 1, 0
+    else:
+        n = smod
+        w1 = np.ones(n) if w is None else np.ascontiguousarray(w, dtype=np.float64).reshape(-1)
+        b1 = np.zeros(n) if b is None else np.ascontiguousarray(b, dtype=np.float64).reshape(-1)
+        psub, pmod, pmul = (1, 1, 0) if sper else (max(L, 1), smod, 1)
+    if sper and (w is None and b is None):
+        w1, b1 = np.ones(L), np.zeros(L)
+    mh, ml, rs = (np.ascontiguousarray(a, dtype=np.float64).reshape(-1) for a in (mh, ml, rs))
+    if len(mh) != smod or (sper and L != smod):
+        return False
+    _config.kernels.scale_rows(xa, y, R, L, lx[2], ly[2], mh, ml, rs, smod, sper,
+                               w1, b1, psub, pmod, pmul, act, nthreads)
+    return True
+
+
+_ONE = np.ones(1)
+_ZERO = np.zeros(1)
+_ONE.flags.writeable = False
+_ZERO.flags.writeable = False
 
 
 def _expand(p, axis_positions, ndim):
@@ -397,7 +435,14 @@ def batch_norm(x, weight=None, bias=None, *, axis=1, running_mean=None, running_
             var = rv.astype(np.float64).reshape(keep)
         rs = _rstd(var, eps)
         y = _output(xa, rdt, out)
-        _run(xa, y, mh, ml, rs, w, b, act, backend, nt)
+        done = False
+        if c_ax in (1, xa.ndim - 1) and xa.ndim >= 2:
+            sper = c_ax == xa.ndim - 1
+            done = _scale_rows(xa, y, xa.ndim - 1 if sper else 2, mh, ml, rs, C, sper,
+                               None if w is None else w.reshape(-1),
+                               None if b is None else b.reshape(-1), act, backend, nt)
+        if not done:
+            _run(xa, y, mh, ml, rs, w, b, act, backend, nt)
     if training:
         mean = _mean(mh, ml).reshape(C)
         _update_running(rm, rv, mean, var.reshape(C) * (n / (n - 1)), momentum)
