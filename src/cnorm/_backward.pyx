@@ -1459,10 +1459,10 @@ cdef void dx_row(const char* x, Py_ssize_t xs, const char* dy, Py_ssize_t ds, ch
                 and ds == sizeof(io_t) and os == sizeof(io_t)):
             if io_t is float:
                 cnb_dxvec_f(<const float*>x, <const float*>dy, <float*>dx, n, mh,
-                            NULL if mlz else ml, rs, a, bb, w)
+                            <const double*>NULL if mlz else ml, rs, a, bb, w)
             else:
                 cnb_dxvec_d(<const double*>x, <const double*>dy, <double*>dx, n, mh,
-                            NULL if mlz else ml, rs, a, bb, w)
+                            <const double*>NULL if mlz else ml, rs, a, bb, w)
             return
     for i0 in range(0, n, CHUNK):
         m = min(CHUNK, n - i0)

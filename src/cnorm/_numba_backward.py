@@ -17,7 +17,8 @@ The work partition depends on the shape only and every sum is a sequential
 float64 sum inside one task, so results do not depend on the thread count.
 float16 travels as its ``uint16`` bits (Numba has no CPU float16): it is
 decoded exactly, and encoded through float32 with round-to-nearest-even
-(what the F16C instructions of the Cython kernels do).
+(what the F16C instructions of the Cython kernels do).  Every kernel is
+compiled with the one policy of :mod:`cnorm._numba_policy`.
 """
 from __future__ import annotations
 
@@ -29,17 +30,7 @@ import numpy as np
 from numba import prange, types
 from numba.extending import overload
 
-try:
-    from ._numba_policy import jit
-except ImportError:  # pragma: no cover - the policy module ships with the package
-    from numba import njit
-
-    def jit(func=None, *, parallel=False):
-        opts = {"fastmath": False, "cache": True, "nogil": True, "error_model": "numpy"}
-        if parallel:
-            opts["parallel"] = True
-        deco = njit(**opts)
-        return deco if func is None else deco(func)
+from ._numba_policy import jit
 
 __all__ = ["rows_backward", "cells_reduce", "dx_4d", "half_bits_to_f64", "f64_to_half_bits"]
 
