@@ -232,6 +232,7 @@ LAYOUT_CASES = [
     ("group_norm", (3, 4, 5, 6), dict(axis=-1, num_groups=2)),
     ("instance_norm", (3, 4, 7, 5), dict(axis=1)),
     ("instance_norm", (3, 7, 5, 4), dict(axis=-1)),
+    ("group_norm", (2, 3, 4, 128), dict(axis=-1, num_groups=2)),   # long channel segments: rows
 ]
 
 

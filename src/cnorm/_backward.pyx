@@ -1040,15 +1040,17 @@ cdef int rows_nd(const char* x, const char* dy, char* dx, const Py_ssize_t* sh,
     cdef double* pb
     cdef int nt = nthreads if R * K >= SERIAL_WORK and ntasks > 1 else 1
     cdef int unbuffered = 0
-    cdef bint blocked = False
+    cdef bint blocked = False, fast = False
     if io_t is not uint16_t:
+        # row_fast reads the rows straight from memory: no row buffer
+        fast = (act == ACT_NONE and xs[3] == sizeof(io_t) and ds[3] == sizeof(io_t)
+                and os[3] == sizeof(io_t))
         # LayerNorm-like rows: contiguous segments, parameters per element, the same for every row
-        blocked = (act == ACT_NONE and pacc != NULL and ps[3] == 1 and ps[0] == 0 and ps[1] == 0
-                   and xs[3] == sizeof(io_t) and ds[3] == sizeof(io_t) and os[3] == sizeof(io_t))
+        blocked = fast and pacc != NULL and ps[3] == 1 and ps[0] == 0 and ps[1] == 0
     for t in prange(ntasks, nogil=True, num_threads=nt, schedule='static'):
         xb = NULL
         gb = NULL
-        if K <= ROWBUF:
+        if K <= ROWBUF and not fast:
             xb = <double*>malloc(2 * K * sizeof(double))
             if xb != NULL:
                 gb = xb + K

@@ -273,14 +273,16 @@ def _layout_params(w_full, b_full, xv):
 
 
 def _rows_backward(xv, dyv, dxv, row_axes, mean_full, rstd_full, w_full, b_full, mode, refine,
-                   act, backend, nt, *, fallback_copy=False):
+                   act, backend, nt, *, fallback_copy=False, min_segment=1):
     """Write dx of slices laid out as rows; return the parameter sums (Σ gv*xhat, Σ gv) as
     arrays of w_full's shape (None when no parameters), or False when the layout does not fit.
 
     ``mean_full``/``rstd_full`` are float64, full rank, of size 1 on the row
     axes.  With ``fallback_copy`` a layout that does not fit is handled on
     (batch..., row...) contiguous copies instead (LayerNorm over > 2
-    unmergeable axes).
+    unmergeable axes).  Rows whose contiguous segments are shorter than
+    ``min_segment`` do not fit either (GroupNorm channels last: segments of
+    one group's channels; the per-cell path reads whole rows instead).
     """
     ndim = xv.ndim
     mflat = np.ascontiguousarray(mean_full, dtype=np.float64)
@@ -302,6 +304,8 @@ def _rows_backward(xv, dyv, dxv, row_axes, mean_full, rstd_full, w_full, b_full,
         inv = np.argsort(perm)
         return None if res is None else tuple(r.transpose(inv) for r in res)
     rows, batch, outer = plan
+    if rows[1][0] < min_segment and rows[0][0] > 1 and not fallback_copy:
+        return False
     want = wf is not None
     P = wv.size
     Pp = P + 8 if (8 * P) % 4096 < 64 else P   # the two sums of a parameter: not 4 KiB apart
@@ -510,7 +514,8 @@ def _run(xv, dyv, dxv, row_axes, mean_full, rstd_full, w_full, b_full, mode, ref
         return (None, None) if pshape is None else (pw, pb)
     if cells is None or _rows_fit(xv, row_axes):
         res = _rows_backward(xv, dyv, dxv, row_axes, mean_full, rstd_full, w_full, b_full, mode,
-                             refine, act, backend, nt, fallback_copy=cells is None)
+                             refine, act, backend, nt, fallback_copy=cells is None,
+                             min_segment=1 if cells is None else 64)
         if res is not False:
             return (None, None) if res is None else res
     return cells()
