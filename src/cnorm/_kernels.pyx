@@ -43,7 +43,8 @@ cdef extern from "_simd.h" nogil:
 DEF LANES = 16          # independent accumulators per block (two AVX-512 vectors of doubles)
 DEF BLOCK = 4096        # elements per block (one shift c per block)
 DEF CHUNK_BLOCKS = 64   # blocks per chunk: the unit of parallel work along a slice
-DEF TILE = 128          # columns per tile in the column kernel
+DEF TILE = 1024         # columns per tile in the column kernel (a whole row up to 1024)
+DEF COLS_CHUNK_BLOCKS = 2  # column blocks per parallel task
 DEF SERIAL_WORK = 131072 # below this many elements, never start threads (wake-up costs more)
 
 
@@ -493,10 +494,12 @@ cdef void cols_kernel(const src_t* x, Py_ssize_t* shape, Py_ssize_t* xs,
                       Py_ssize_t so, Py_ssize_t sk, State* states, int nthreads) noexcept nogil:
     """Reduce x[o, r1, k] over r1 into states[o*so + k*sk], vectorized across k."""
     cdef Py_ssize_t O = shape[0], R = shape[1], K = shape[2]
-    cdef Py_ssize_t brows = max(1, BLOCK * 8 // min(K, TILE))
+    # blocks of ~256k elements (one shift per column per block; merging a block
+    # costs one state merge per column) and chunks of COLS_CHUNK_BLOCKS blocks
+    cdef Py_ssize_t brows = max(1, BLOCK * 64 // min(K, TILE))
     cdef Py_ssize_t ntiles = (K + TILE - 1) // TILE
     cdef Py_ssize_t nblocks = (R + brows - 1) // brows
-    cdef Py_ssize_t nchunks = (nblocks + CHUNK_BLOCKS - 1) // CHUNK_BLOCKS
+    cdef Py_ssize_t nchunks = (nblocks + COLS_CHUNK_BLOCKS - 1) // COLS_CHUNK_BLOCKS
     cdef Py_ssize_t ntasks = O * ntiles * nchunks, t, tile, ch, o, k0, j
     cdef State* part
     cdef State st
@@ -512,8 +515,8 @@ cdef void cols_kernel(const src_t* x, Py_ssize_t* shape, Py_ssize_t* xs,
         o = t // (nchunks * ntiles)
         k0 = tile * TILE
         cols_task(<const src_t*>(<const char*>x + o * xs[0] + k0 * xs[2]), R, min(TILE, K - k0),
-                  xs[1], xs[2], brows, ch * CHUNK_BLOCKS, min(nblocks, (ch + 1) * CHUNK_BLOCKS),
-                  &part[t * TILE])
+                  xs[1], xs[2], brows, ch * COLS_CHUNK_BLOCKS,
+                  min(nblocks, (ch + 1) * COLS_CHUNK_BLOCKS), &part[t * TILE])
     for o in range(O):
         for tile in range(ntiles):
             k0 = tile * TILE
