@@ -186,12 +186,9 @@ def test_bad_thread_counts():
 
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="needs valgrind")
 @pytest.mark.skipif("avx512" not in _config.isa_compiled, reason="no AVX-512 build")
-@pytest.mark.xfail(strict=True, reason=(
-    "_config._load_kernels imports every compiled ISA module before checking "
-    "cpu_level(); _kernels_avx512's module init (__Pyx_CreateCodeObjects) already "
-    "executes EVEX (AVX-512) instructions, so `import cnorm` dies with SIGILL on a "
-    "CPU without AVX-512 (valgrind hides AVX-512 from CPUID and shows it)"))
 def test_import_on_cpu_without_avx512():
+    """Regression: importing cnorm once executed AVX-512 module-init code on any CPU
+    (SIGILL without AVX-512); valgrind hides AVX-512 from CPUID."""
     proc = subprocess.run(
         ["valgrind", "--tool=none", "-q", sys.executable, "-c",
          "import cnorm, numpy as np; from cnorm import _config; "

@@ -140,15 +140,14 @@ def call_slot(num_threads) -> _CallSlot:
 
 # ------------------------------------------------------------------ ISA dispatch
 def _load_kernels():
+    import importlib.util
     base = importlib.import_module(_ISA_MODULES["baseline"])
     level = base.cpu_level()
-    compiled = ["baseline"]
-    for name in ("avx2", "avx512"):
-        try:
-            importlib.import_module(_ISA_MODULES[name])
-            compiled.append(name)
-        except ImportError:
-            pass
+    # find the compiled copies without importing them: a module built for a
+    # higher ISA level may execute its instructions in its module init, which
+    # would kill the interpreter (SIGILL) on a CPU without them
+    compiled = ["baseline"] + [name for name in ("avx2", "avx512")
+                               if importlib.util.find_spec(_ISA_MODULES[name]) is not None]
     forced = os.environ.get("CNORM_ISA", "").strip().lower()
     if forced:
         if forced not in _ISA_MODULES:
