@@ -9,10 +9,9 @@
 # sees it.  Exits 99 on any memcheck error (invalid read/write, use of
 # uninitialised values, bad free) whose stack has a cnorm frame
 # (tools/_memcheck_report.py; the interpreter and glibc alone are not clean
-# under memcheck); leaks are not counted (CPython keeps objects alive at exit).  Valgrind does not emulate AVX-512 and hides it from
-# CPUID; tools/_memcheck_run.py blocks the *_avx512 modules (whose import alone
-# executes AVX-512 code, see docs/memcheck.md) so baseline/AVX2 kernels run.
-# Not part of CI: it is slow (20-50x).
+# under memcheck); leaks are not counted (CPython keeps objects alive at exit).
+# Valgrind does not emulate AVX-512 and hides it from CPUID, so the
+# baseline/AVX2 kernels run.  .ci/run runs the default selection (~1 min).
 set -u
 cd "$(dirname "$0")/.."
 
