@@ -152,8 +152,9 @@ def _rows_layout(a, nlead):
     return R, L, rstride
 
 
-def _fused_rows(xa, y, nlead, eps, mode, w, b, psub, pmod, pmul, act, backend, nthreads):
-    """Run the fused rows kernel when the layout allows; return (mean, var) rows or None."""
+def _rows_pair(xa, y, nlead, backend):
+    """(R, L, x row stride, y row stride) when x and y are the same rows in memory
+    (or y is x itself) and the Cython kernels run, else None."""
     if backend != "cython" or xa.dtype != y.dtype:
         return None
     lx, ly = _rows_layout(xa, nlead), _rows_layout(y, nlead)
@@ -161,15 +162,29 @@ def _fused_rows(xa, y, nlead, eps, mode, w, b, psub, pmod, pmul, act, backend, n
         return None
     if y is not xa and np.shares_memory(xa, y) and (lx[2] != ly[2] or xa.ctypes.data != y.ctypes.data):
         return None
-    R, L = lx[:2]
+    return lx[0], lx[1], lx[2], ly[2]
+
+
+def _param_pair(w, b, n):
+    """weight and bias as float64 arrays of n (ones / zeros for a missing one)."""
+    w1 = np.ones(n) if w is None else np.ascontiguousarray(w, dtype=np.float64).reshape(-1)
+    b1 = np.zeros(n) if b is None else np.ascontiguousarray(b, dtype=np.float64).reshape(-1)
+    return w1, b1
+
+
+def _fused_rows(xa, y, nlead, eps, mode, w, b, psub, pmod, pmul, act, backend, nthreads):
+    """Run the fused rows kernel when the layout allows; return (mean, var) rows or None."""
+    rows = _rows_pair(xa, y, nlead, backend)
+    if rows is None:
+        return None
+    R, L, xrs, yrs = rows
     mean, var = np.empty(R), np.empty(R)
     if w is None and b is None:
-        w1, b1, psub, pmod, pmul = np.ones(1), np.zeros(1), max(L, 1), 1, 0
+        w1, b1, psub, pmod, pmul = _ONE, _ZERO, max(L, 1), 1, 0
     else:
-        n = max(len(w) if w is not None else 0, len(b) if b is not None else 0)
-        w1 = np.ones(n) if w is None else np.ascontiguousarray(w, dtype=np.float64)
-        b1 = np.zeros(n) if b is None else np.ascontiguousarray(b, dtype=np.float64)
-    _config.kernels.norm_rows(xa, y, R, L, lx[2], ly[2], eps, mode, w1, b1, psub, pmod, pmul,
+        w1, b1 = _param_pair(w, b, max(np.size(w) if w is not None else 0,
+                                       np.size(b) if b is not None else 0))
+    _config.kernels.norm_rows(xa, y, R, L, xrs, yrs, eps, mode, w1, b1, psub, pmod, pmul,
                               act, mean, var, nthreads)
     return mean, var
 
@@ -177,27 +192,22 @@ def _fused_rows(xa, y, nlead, eps, mode, w, b, psub, pmod, pmul, act, backend, n
 def _scale_rows(xa, y, nlead, mh, ml, rs, smod, sper, w, b, act, backend, nthreads):
     """The apply pass as contiguous rows with per-channel statistics (batch norm);
     returns False when the layout or backend does not allow it."""
-    if backend != "cython" or xa.dtype != y.dtype:
+    rows = _rows_pair(xa, y, nlead, backend)
+    if rows is None:
         return False
-    lx, ly = _rows_layout(xa, nlead), _rows_layout(y, nlead)
-    if lx is None or ly is None or lx[:2] != ly[:2]:
-        return False
-    if y is not xa and np.shares_memory(xa, y) and (lx[2] != ly[2] or xa.ctypes.data != y.ctypes.data):
-        return False
-    R, L = lx[:2]
-    if w is None and b is None:
-        w1, b1, psub, pmod, pmul = _ONE, _ZERO, (1 if sper else max(L, 1)), 1, 0
-    else:
-        n = smod
-        w1 = np.ones(n) if w is None else np.ascontiguousarray(w, dtype=np.float64).reshape(-1)
-        b1 = np.zeros(n) if b is None else np.ascontiguousarray(b, dtype=np.float64).reshape(-1)
-        psub, pmod, pmul = (1, 1, 0) if sper else (max(L, 1), smod, 1)
-    if sper and (w is None and b is None):
-        w1, b1 = np.ones(L), np.zeros(L)
+    R, L, xrs, yrs = rows
     mh, ml, rs = (np.ascontiguousarray(a, dtype=np.float64).reshape(-1) for a in (mh, ml, rs))
     if len(mh) != smod or (sper and L != smod):
         return False
-    _config.kernels.scale_rows(xa, y, R, L, lx[2], ly[2], mh, ml, rs, smod, sper,
+    if sper:  # channels last: statistics and parameters per element of a row
+        w1, b1 = _param_pair(w, b, L)
+        psub, pmod, pmul = 1, 1, 0
+    elif w is None and b is None:
+        w1, b1, psub, pmod, pmul = _ONE, _ZERO, max(L, 1), 1, 0
+    else:  # NCHW: row r is channel r % smod
+        w1, b1 = _param_pair(w, b, smod)
+        psub, pmod, pmul = max(L, 1), smod, 1
+    _config.kernels.scale_rows(xa, y, R, L, xrs, yrs, mh, ml, rs, smod, sper,
                                w1, b1, psub, pmod, pmul, act, nthreads)
     return True
 
