@@ -8,7 +8,7 @@ normalization pass; ``_backward.pyx``: gradients) is compiled three times: as
 features; ``CNORM_ISA=baseline|avx2|avx512`` forces one.  The sibling sources
 are generated copies (see .gitignore).
 
-Flags are portable: -O3, no -ffast-math, no -march=native, and
+Flags are portable: -O3, no fast-math flags, no tuning for the build host, and
 -ffp-contract=off so that the compiler never fuses a*b+c on its own: the
 compensated sums depend on every rounding being the one written.
 """

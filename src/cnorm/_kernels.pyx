@@ -546,9 +546,7 @@ cdef void norm_row(const src_t* x, src_t* y, Py_ssize_t L, Py_ssize_t r, double 
     w[i] per element when psub == 1.
     """
     cdef State st
-    cdef double mh, ml, var, vl, rs, ms, zero = 0.0
-    cdef double buf[CHUNK]
-    cdef Py_ssize_t i0, m, j, nsub, pbase
+    cdef double mh, ml, var, vl, rs
     slice_chunk(x, 1, L, 0, sizeof(src_t), 0, blocks_in_slice(1, L), &st)
     if mode == MODE_LAYER:
         mh = st.mh
@@ -572,25 +570,8 @@ cdef void norm_row(const src_t* x, src_t* y, Py_ssize_t L, Py_ssize_t r, double 
         mean_out[0] = 0.0
     rs = 1.0 / sqrt(var + eps)
     var_out[0] = var
-    pbase = (r % pmod) * pmul
-    if psub == 1:
-        for i0 in range(0, L, CHUNK):
-            m = min(CHUNK, L - i0)
-            load_chunk(<const char*>(x + i0), sizeof(src_t), m, buf, x)
-            scale_chunk(buf, m, &mh, &ml, &rs, False, w + pbase + i0, b + pbase + i0, True)
-            if act != ACT_NONE:
-                activate(buf, m, act)
-            store_chunk(<char*>(y + i0), sizeof(src_t), m, buf, x)
-    else:
-        nsub = L // psub
-        for j in range(nsub):
-            for i0 in range(0, psub, CHUNK):
-                m = min(CHUNK, psub - i0)
-                load_chunk(<const char*>(x + j * psub + i0), sizeof(src_t), m, buf, x)
-                scale_chunk(buf, m, &mh, &ml, &rs, False, w + pbase + j, b + pbase + j, False)
-                if act != ACT_NONE:
-                    activate(buf, m, act)
-                store_chunk(<char*>(y + j * psub + i0), sizeof(src_t), m, buf, x)
+    # the row is still in cache: the apply pass with this row's statistics
+    scale_row(x, y, L, r, &mh, &ml, &rs, 1, False, w, b, psub, pmod, pmul, act)
 
 
 cdef void norm_rows_t(const src_t* x, src_t* y, Py_ssize_t R, Py_ssize_t L, Py_ssize_t xrs,
