@@ -24,11 +24,20 @@ def require(module: str):
     return pytest.importorskip(module)
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=BACKENDS + ["cython-stream"])
 def backend(request):
+    """A backend name; "cython-stream" is the cython backend with every output
+    written by the streaming-store path (normally only outputs over half the LLC)."""
     if request.param == "numba":
         require("numba")
-    return request.param
+    if request.param == "cython-stream":
+        if not _config.HAVE_EXTENSION:
+            pytest.skip("no compiled kernels")
+        previous = _config.set_stream_threshold(0)
+        yield "cython"
+        _config.set_stream_threshold(previous)
+        return
+    yield request.param
 
 
 @pytest.fixture(params=_config.isa_runnable or ["none"])

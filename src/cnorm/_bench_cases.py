@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import _config
+
 EPS = 1e-5
 CHANNELS = 64          # C of the NCHW/NHWC cases
 HIDDEN = 1024          # normalized length of the row cases
@@ -123,24 +125,7 @@ def speed_cases(*, families=("stats", "layer", "backward"), dtypes=DTYPES, threa
 
 
 # ----------------------------------------------------------------------- sizes
-def llc_bytes() -> int:
-    """Size of the last-level cache from sysfs (32 MiB when unknown)."""
-    best = 0
-    base = "/sys/devices/system/cpu/cpu0/cache"
-    try:
-        for entry in os.listdir(base):
-            try:
-                with open(os.path.join(base, entry, "size")) as f:
-                    text = f.read().strip().upper()
-            except OSError:
-                continue
-            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-            digits = text.rstrip("KMG")
-            if digits.isdigit():
-                best = max(best, int(digits) * mult)
-    except OSError:
-        pass
-    return best or (32 << 20)
+llc_bytes = _config.llc_bytes
 
 
 def size_bytes(mode: str) -> dict:

@@ -138,6 +138,63 @@ def call_slot(num_threads) -> _CallSlot:
     return _CallSlot(resolve_threads(num_threads))
 
 
+# ------------------------------------------------------------------ caches
+def llc_bytes() -> int:
+    """Size of the last-level cache from sysfs (32 MiB when unknown)."""
+    best = 0
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in os.listdir(base):
+            try:
+                with open(os.path.join(base, entry, "size")) as f:
+                    text = f.read().strip().upper()
+            except OSError:
+                continue
+            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+            digits = text.rstrip("KMG")
+            if digits.isdigit():
+                best = max(best, int(digits) * mult)
+    except OSError:
+        pass
+    return best or (32 << 20)
+
+
+def _default_stream_bytes() -> int:
+    """Outputs from this size on are written with streaming stores: half the
+    LLC (input and output together no longer fit), or ``CNORM_STREAM_MIN_BYTES``."""
+    forced = _env_int("CNORM_STREAM_MIN_BYTES")
+    return forced if forced is not None else llc_bytes() // 2
+
+
+_stream_bytes: int | None = None
+
+
+def set_stream_threshold(nbytes: int | None) -> int:
+    """Outputs of at least ``nbytes`` bytes bypass the cache (non-temporal
+    stores) in the rows kernels; ``None`` restores the default.  Returns the
+    previous threshold.  Results do not depend on it (tests force both paths)."""
+    global _stream_bytes
+    old = _stream_bytes if _stream_bytes is not None else _default_stream_bytes()
+    _stream_bytes = _default_stream_bytes() if nbytes is None else max(int(nbytes), 0)
+    for mod in _loaded_kernels():
+        mod.set_stream_threshold(_stream_bytes)
+    return old
+
+
+def _loaded_kernels():
+    import sys
+    return [sys.modules[m] for m in _ISA_MODULES.values() if m in sys.modules]
+
+
+def _configured(mod):
+    """A freshly imported _kernels copy, with this process's stream threshold."""
+    global _stream_bytes
+    if _stream_bytes is None:
+        _stream_bytes = _default_stream_bytes()
+    mod.set_stream_threshold(_stream_bytes)
+    return mod
+
+
 # ------------------------------------------------------------------ ISA dispatch
 def _load_kernels():
     import importlib.util
@@ -161,7 +218,7 @@ def _load_kernels():
     else:
         chosen = max((n for n in compiled if _ISA_LEVEL[n] <= level), key=_ISA_LEVEL.get)
     runnable = [n for n in compiled if _ISA_LEVEL[n] <= level]
-    return importlib.import_module(_ISA_MODULES[chosen]), chosen, compiled, runnable
+    return _configured(importlib.import_module(_ISA_MODULES[chosen])), chosen, compiled, runnable
 
 
 try:
@@ -177,7 +234,8 @@ def kernels_for_isa(name: str, family: str = "_kernels"):
     compiled for one ISA level (for tests and benchmarks)."""
     if name not in isa_runnable:
         raise ValueError(f"isa={name!r} is not runnable here; runnable: {isa_runnable}")
-    return importlib.import_module(_ISA_MODULES[name].replace("_kernels", family))
+    mod = importlib.import_module(_ISA_MODULES[name].replace("_kernels", family))
+    return _configured(mod) if family == "_kernels" else mod
 
 
 _families: dict = {}

@@ -28,6 +28,7 @@ from libc.stdlib cimport malloc, free
 from libc.math cimport sqrt, isfinite, NAN, INFINITY, erf, tanh, exp
 from cython.parallel cimport prange
 cimport numpy as cnp
+import numpy as np
 
 cnp.import_array()
 
@@ -531,13 +532,53 @@ cdef void cols_kernel(const src_t* x, Py_ssize_t* shape, Py_ssize_t* xs,
 # ---------------------------------------------------------------- fused rows: moments + apply
 include "_elementwise.pxi"
 
+cdef extern from "_apply_simd.h" nogil:
+    void cn_apply_row_f16(const void *x, void *y, Py_ssize_t n, const double *mh, const double *ml,
+                          const double *rs, int svec, const double *w, const double *b, int pvec,
+                          int relu, int stream)
+    void cn_apply_row_f32(const void *x, void *y, Py_ssize_t n, const double *mh, const double *ml,
+                          const double *rs, int svec, const double *w, const double *b, int pvec,
+                          int relu, int stream)
+    void cn_apply_row_f64(const void *x, void *y, Py_ssize_t n, const double *mh, const double *ml,
+                          const double *rs, int svec, const double *w, const double *b, int pvec,
+                          int relu, int stream)
+    void cn_store_fence()
+
+# Outputs of at least this many bytes are written with non-temporal (streaming)
+# stores: they cannot stay in the cache anyway, and streaming saves reading
+# every output line before overwriting it.  _config sets it to the size of the
+# last-level cache; set_stream_threshold changes it (the tests force both paths).
+cdef Py_ssize_t stream_min_bytes = 32 * 1024 * 1024
+
+
+def set_stream_threshold(Py_ssize_t nbytes):
+    """Outputs of at least ``nbytes`` bytes use streaming stores; returns the old value."""
+    global stream_min_bytes
+    cdef Py_ssize_t old = stream_min_bytes
+    stream_min_bytes = nbytes if nbytes > 0 else 0
+    return old
+
+
+cdef inline void apply_row(const src_t* x, src_t* y, Py_ssize_t n, const double* mh,
+                           const double* ml, const double* rs, bint svec, const double* w,
+                           const double* b, bint pvec, bint relu, bint stream) noexcept nogil:
+    """The fused vector apply loop of _apply_simd.h for this dtype."""
+    if src_t is uint16_t:
+        cn_apply_row_f16(x, y, n, mh, ml, rs, svec, w, b, pvec, relu, stream)
+    elif src_t is float:
+        cn_apply_row_f32(x, y, n, mh, ml, rs, svec, w, b, pvec, relu, stream)
+    else:
+        cn_apply_row_f64(x, y, n, mh, ml, rs, svec, w, b, pvec, relu, stream)
+
+
 DEF MODE_LAYER = 0   # centre by the mean, scale by 1/sqrt(var + eps)
 DEF MODE_RMS = 1     # no centring, scale by 1/sqrt(mean(x**2) + eps)
 
 
 cdef void norm_row(const src_t* x, src_t* y, Py_ssize_t L, Py_ssize_t r, double eps, int mode,
                    const double* w, const double* b, Py_ssize_t psub, Py_ssize_t pmod,
-                   Py_ssize_t pmul, int act, double* mean_out, double* var_out) noexcept nogil:
+                   Py_ssize_t pmul, int act, double* mean_out, double* var_out,
+                   bint stream) noexcept nogil:
     """Normalize one contiguous row of L elements (row index r).
 
     Statistics as in moments (blocks of BLOCK, Chan merges); then the row,
@@ -571,7 +612,7 @@ cdef void norm_row(const src_t* x, src_t* y, Py_ssize_t L, Py_ssize_t r, double 
     rs = 1.0 / sqrt(var + eps)
     var_out[0] = var
     # the row is still in cache: the apply pass with this row's statistics
-    scale_row(x, y, L, r, &mh, &ml, &rs, 1, False, w, b, psub, pmod, pmul, act)
+    scale_row(x, y, L, r, &mh, &ml, &rs, 1, False, w, b, psub, pmod, pmul, act, stream)
 
 
 cdef void norm_rows_t(const src_t* x, src_t* y, Py_ssize_t R, Py_ssize_t L, Py_ssize_t xrs,
@@ -580,14 +621,15 @@ cdef void norm_rows_t(const src_t* x, src_t* y, Py_ssize_t R, Py_ssize_t L, Py_s
                       double* mean, double* var, int nthreads) noexcept nogil:
     cdef Py_ssize_t r
     cdef int nt = nthreads if R * L >= SERIAL_WORK and R > 1 else 1
+    cdef bint stream = R * L * <Py_ssize_t>sizeof(src_t) >= stream_min_bytes
     if nt == 1:
         for r in range(R):
             norm_row(<const src_t*>(<const char*>x + r * xrs), <src_t*>(<char*>y + r * yrs), L, r,
-                     eps, mode, w, b, psub, pmod, pmul, act, &mean[r], &var[r])
-        return
-    for r in prange(R, nogil=True, num_threads=nt, schedule='static'):
-        norm_row(<const src_t*>(<const char*>x + r * xrs), <src_t*>(<char*>y + r * yrs), L, r,
-                 eps, mode, w, b, psub, pmod, pmul, act, &mean[r], &var[r])
+                     eps, mode, w, b, psub, pmod, pmul, act, &mean[r], &var[r], stream)
+    else:
+        for r in prange(R, nogil=True, num_threads=nt, schedule='static'):
+            norm_row(<const src_t*>(<const char*>x + r * xrs), <src_t*>(<char*>y + r * yrs), L, r,
+                     eps, mode, w, b, psub, pmod, pmul, act, &mean[r], &var[r], stream)
 
 
 def norm_rows(cnp.ndarray x, cnp.ndarray y, Py_ssize_t R, Py_ssize_t L, Py_ssize_t xrs,
@@ -635,24 +677,44 @@ cdef void scale_rows_t(const src_t* x, src_t* y, Py_ssize_t R, Py_ssize_t L, Py_
                        int nthreads) noexcept nogil:
     cdef Py_ssize_t r
     cdef int nt = nthreads if R * L >= SERIAL_WORK and R > 1 else 1
+    cdef bint stream = R * L * <Py_ssize_t>sizeof(src_t) >= stream_min_bytes
     if nt == 1:
         for r in range(R):
             scale_row(<const src_t*>(<const char*>x + r * xrs), <src_t*>(<char*>y + r * yrs), L, r,
-                      mh, ml, rs, smod, sper, w, b, psub, pmod, pmul, act)
-        return
-    for r in prange(R, nogil=True, num_threads=nt, schedule='static'):
-        scale_row(<const src_t*>(<const char*>x + r * xrs), <src_t*>(<char*>y + r * yrs), L, r,
-                  mh, ml, rs, smod, sper, w, b, psub, pmod, pmul, act)
+                      mh, ml, rs, smod, sper, w, b, psub, pmod, pmul, act, stream)
+    else:
+        for r in prange(R, nogil=True, num_threads=nt, schedule='static'):
+            scale_row(<const src_t*>(<const char*>x + r * xrs), <src_t*>(<char*>y + r * yrs), L, r,
+                      mh, ml, rs, smod, sper, w, b, psub, pmod, pmul, act, stream)
 
 
 cdef void scale_row(const src_t* x, src_t* y, Py_ssize_t L, Py_ssize_t r,
                     const double* mh, const double* ml, const double* rs, Py_ssize_t smod,
                     bint sper, const double* w, const double* b, Py_ssize_t psub,
-                    Py_ssize_t pmod, Py_ssize_t pmul, int act) noexcept nogil:
+                    Py_ssize_t pmod, Py_ssize_t pmul, int act, bint stream) noexcept nogil:
     """The apply pass over one contiguous row with given statistics: per row
-    (index r % smod) or, when ``sper``, per element of the row (channels last)."""
+    (index r % smod) or, when ``sper``, per element of the row (channels last).
+
+    No activation or ReLU: the fused vector loop of _apply_simd.h (streaming
+    stores when ``stream``); other activations: load, scale, activate and
+    store chunks of CHUNK elements through a float64 buffer."""
     cdef double buf[CHUNK]
     cdef Py_ssize_t i0, m, j, nsub, pbase = (r % pmod) * pmul, si = r % smod
+    if act == ACT_NONE or act == ACT_RELU:
+        if psub == 1 or sper:
+            if sper:
+                apply_row(x, y, L, mh, ml, rs, True, w + pbase, b + pbase, psub == 1,
+                          act == ACT_RELU, stream)
+            else:
+                apply_row(x, y, L, mh + si, ml + si, rs + si, False, w + pbase, b + pbase, True,
+                          act == ACT_RELU, stream)
+        else:
+            for j in range(L // psub):
+                apply_row(x + j * psub, y + j * psub, psub, mh + si, ml + si, rs + si, False,
+                          w + pbase + j, b + pbase + j, False, act == ACT_RELU, stream)
+        if stream:
+            cn_store_fence()
+        return
     if psub == 1 or sper:
         for i0 in range(0, L, CHUNK):
             m = min(CHUNK, L - i0)
@@ -677,6 +739,108 @@ cdef void scale_row(const src_t* x, src_t* y, Py_ssize_t L, Py_ssize_t r,
                 if act != ACT_NONE:
                     activate(buf, m, act)
                 store_chunk(<char*>(y + j * psub + i0), sizeof(src_t), m, buf, x)
+
+
+cdef inline bint rows_eligible(object a, int typenum) noexcept:
+    """a is an exact, aligned, native-order, C-contiguous ndarray of typenum."""
+    return (type(a) is cnp.ndarray and cnp.PyArray_TYPE(<cnp.ndarray>a) == typenum
+            and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>a)
+            and cnp.PyArray_ISALIGNED(<cnp.ndarray>a)
+            and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>a))
+
+
+cdef inline object param_row(object p, Py_ssize_t L, double fill):
+    """An affine parameter for the small-call path: a float64 (L,) array, or None
+    when p is not a plain float64 vector of length L (the caller then takes the
+    general path, which validates and converts)."""
+    if p is None:
+        return np.full(L, fill)
+    if (rows_eligible(p, cnp.NPY_FLOAT64) and cnp.PyArray_NDIM(<cnp.ndarray>p) == 1
+            and cnp.PyArray_DIM(<cnp.ndarray>p, 0) == L):
+        return p
+    return None
+
+
+def norm_rows_small(object x, object out, double eps, int mode, object weight, object bias):
+    """Layer (mode 0) / RMS (mode 1) norm over the last axis of a small array, with
+    nothing but C between the call and the kernel.
+
+    Eligible: x an exact ndarray, float16/32/64, C-contiguous, aligned, native
+    byte order, ``1 <= x.ndim``, ``0 < x.size < SERIAL_WORK`` (so one thread);
+    ``out`` None or an array like x that is x itself or does not overlap it;
+    ``weight``/``bias`` None or float64 C-contiguous vectors of the last
+    axis' length.  Returns the output, or None when the call is not eligible:
+    the caller then runs the general path, which gives the same result.
+    """
+    if type(x) is not cnp.ndarray:
+        return None
+    cdef cnp.ndarray xa = <cnp.ndarray>x
+    cdef int typenum = cnp.PyArray_TYPE(xa)
+    cdef int nd = cnp.PyArray_NDIM(xa)
+    if (typenum != cnp.NPY_FLOAT64 and typenum != cnp.NPY_FLOAT32
+            and typenum != cnp.NPY_FLOAT16) or nd < 1 or not rows_eligible(xa, typenum):
+        return None
+    cdef Py_ssize_t size = cnp.PyArray_SIZE(xa), L = cnp.PyArray_DIM(xa, nd - 1)
+    if size <= 0 or size >= SERIAL_WORK:
+        return None
+    cdef Py_ssize_t R = size // L, nbytes = size * cnp.PyArray_ITEMSIZE(xa)
+    cdef int i
+    cdef cnp.ndarray ya
+    cdef char* xp = <char*>cnp.PyArray_DATA(xa)
+    cdef char* yp
+    if out is None:
+        ya = cnp.PyArray_EMPTY(nd, cnp.PyArray_DIMS(xa), typenum, 0)
+    else:
+        if not rows_eligible(out, typenum) or cnp.PyArray_NDIM(<cnp.ndarray>out) != nd:
+            return None
+        ya = <cnp.ndarray>out
+        if not cnp.PyArray_ISWRITEABLE(ya):
+            return None
+        for i in range(nd):
+            if cnp.PyArray_DIM(ya, i) != cnp.PyArray_DIM(xa, i):
+                return None
+        yp = <char*>cnp.PyArray_DATA(ya)
+        if yp != xp and yp < xp + nbytes and xp < yp + nbytes:
+            return None   # partial overlap: the general path copies
+    cdef object w1, b1
+    cdef Py_ssize_t psub = L
+    if weight is None and bias is None:
+        w1, b1 = _ONE_ROW, _ZERO_ROW
+    else:
+        w1 = param_row(weight, L, 1.0)
+        b1 = param_row(bias, L, 0.0)
+        if w1 is None or b1 is None:
+            return None
+        psub = 1
+    cdef const double[::1] w = w1
+    cdef const double[::1] b = b1
+    cdef double small_m[64]
+    cdef double small_v[64]
+    cdef double* mean = small_m
+    cdef double* var = small_v
+    if R > 64:
+        mean = <double*>malloc(2 * R * sizeof(double))
+        if mean == NULL:
+            raise MemoryError()
+        var = mean + R
+    yp = <char*>cnp.PyArray_DATA(ya)
+    with nogil:
+        if typenum == cnp.NPY_FLOAT64:
+            norm_rows_t(<const double*>xp, <double*>yp, R, L, L * 8, L * 8, eps, mode, &w[0],
+                        &b[0], psub, 1, 0, ACT_NONE, mean, var, 1)
+        elif typenum == cnp.NPY_FLOAT32:
+            norm_rows_t(<const float*>xp, <float*>yp, R, L, L * 4, L * 4, eps, mode, &w[0],
+                        &b[0], psub, 1, 0, ACT_NONE, mean, var, 1)
+        else:
+            norm_rows_t(<const uint16_t*>xp, <uint16_t*>yp, R, L, L * 2, L * 2, eps, mode, &w[0],
+                        &b[0], psub, 1, 0, ACT_NONE, mean, var, 1)
+    if R > 64:
+        free(mean)
+    return ya
+
+
+_ONE_ROW = np.ones(1)
+_ZERO_ROW = np.zeros(1)
 
 
 def scale_rows(cnp.ndarray x, cnp.ndarray y, Py_ssize_t R, Py_ssize_t L, Py_ssize_t xrs,

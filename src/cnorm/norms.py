@@ -228,6 +228,33 @@ def _expand(p, axis_positions, ndim):
     return p.reshape(shape)
 
 
+# ------------------------------------------------------------------ small-call fast path
+def _small_call(x, axis, out, eps, mode, weight, bias, activation, return_stats, backend,
+                num_threads):
+    """The common small call (last axis, defaults, float64 or no affine) straight to
+    ``norm_rows_small``; None when it does not apply (the general path then runs).
+
+    A (32, 64) layer_norm costs a few microseconds of Python in the general path
+    (axis planning, validation, allocation of the statistics); here every check is a
+    cheap identity/type test and the kernel entry checks the arrays in C.  Only
+    arrays below the serial threshold come here, so threads never matter.
+    """
+    if (activation is None and return_stats is False and num_threads is None
+            and type(axis) is int and axis == -1 and type(backend) is str
+            and (backend == "auto" or backend == "cython") and _config.HAVE_EXTENSION
+            and (eps is None or (type(eps) is float and eps >= 0.0))):
+        if eps is None:  # rms_norm's default: machine epsilon of the dtype
+            if type(x) is not np.ndarray or x.dtype.kind != "f" or x.dtype.itemsize > 8:
+                return None
+            eps = _RMS_EPS[x.dtype.itemsize]
+        return _config.kernels.norm_rows_small(x, out, eps, mode, weight, bias)
+    return None
+
+
+_RMS_EPS = {2: float(np.finfo(np.float16).eps), 4: float(np.finfo(np.float32).eps),
+            8: float(np.finfo(np.float64).eps)}
+
+
 # ------------------------------------------------------------------ layer_norm
 def layer_norm(x, axis=-1, weight=None, bias=None, *, eps=1e-5, activation=None, out=None,
                return_stats=False, backend="auto", num_threads=None):
@@ -273,6 +300,10 @@ def layer_norm(x, axis=-1, weight=None, bias=None, *, eps=1e-5, activation=None,
     >>> cnorm.layer_norm(np.array([[1., 2., 3.]]), eps=0.0)
     array([[-1.22474487,  0.        ,  1.22474487]])
     """
+    y = _small_call(x, axis, out, eps, 0, weight, bias, activation, return_stats, backend,
+                    num_threads)
+    if y is not None:
+        return y
     fn = "layer_norm"
     xa, rdt, act, backend = _prepare(x, out, fn, backend, num_threads, activation, return_stats)
     axes = normalize_axes(axis, xa.ndim)
@@ -332,6 +363,10 @@ def rms_norm(x, axis=-1, weight=None, *, eps=None, activation=None, out=None,
     ``mean(x**2) = var + mean**2`` from the same double-double states as the
     other layers, so it is accurate for any data.
     """
+    y = _small_call(x, axis, out, eps, 1, weight, None, activation, return_stats, backend,
+                    num_threads)
+    if y is not None:
+        return y
     fn = "rms_norm"
     xa, rdt, act, backend = _prepare(x, out, fn, backend, num_threads, activation, return_stats)
     axes = normalize_axes(axis, xa.ndim)
