@@ -25,6 +25,7 @@ which one this copy is.
 """
 from libc.stdint cimport uint16_t
 from libc.stdlib cimport malloc, free
+from libc.string cimport memset
 from libc.math cimport sqrt, isfinite, NAN, INFINITY, erf, tanh, exp
 from cython.parallel cimport prange
 cimport numpy as cnp
@@ -837,6 +838,74 @@ def norm_rows_small(object x, object out, double eps, int mode, object weight, o
     if R > 64:
         free(mean)
     return ya
+
+
+def moments_small(object x, bint all_axes, double ddof, bint float64_out=False):
+    """Float64 (mean, var) of a small array over its last axis (or over all of it),
+    with nothing but C between the call and the kernel.
+
+    Eligible: x an exact, aligned, native-order, C-contiguous float16/32/64
+    ndarray with ``0 < x.size < SERIAL_WORK`` and more than ``ddof`` values per
+    slice (no warning to give).  The slices are planned as the general path
+    plans them (``x[1, 1, R, L]``), so the result is bitwise the same.  Returns
+    ``(mean, var)`` of shape ``x.shape[:-1]`` (``()`` with ``all_axes``),
+    float32 for float32 input (unless ``float64_out``) and float64 otherwise,
+    or None when the call is not eligible.
+    """
+    if type(x) is not cnp.ndarray:
+        return None
+    cdef cnp.ndarray xa = <cnp.ndarray>x
+    cdef int typenum = cnp.PyArray_TYPE(xa)
+    cdef int nd = cnp.PyArray_NDIM(xa)
+    if (typenum != cnp.NPY_FLOAT64 and typenum != cnp.NPY_FLOAT32
+            and typenum != cnp.NPY_FLOAT16) or nd < 1 or not rows_eligible(xa, typenum):
+        return None
+    cdef Py_ssize_t size = cnp.PyArray_SIZE(xa)
+    cdef Py_ssize_t L = size if all_axes else cnp.PyArray_DIM(xa, nd - 1)
+    if size <= 0 or size >= SERIAL_WORK or not (L > ddof) or not (ddof >= 0):
+        return None
+    cdef Py_ssize_t R = size // L, i
+    cdef Py_ssize_t item = cnp.PyArray_ITEMSIZE(xa)
+    cdef Py_ssize_t shape[4]
+    cdef Py_ssize_t strides[4]
+    shape[0] = 1; shape[1] = 1; shape[2] = R; shape[3] = L
+    strides[0] = 0; strides[1] = 0; strides[2] = L * item; strides[3] = item
+    # float32 results are rounded here (a C cast rounds once, like numpy's);
+    # float16 ones are returned in float64 for numpy to round (directly, not via float32)
+    cdef int otype = (cnp.NPY_FLOAT32 if typenum == cnp.NPY_FLOAT32 and not float64_out
+                      else cnp.NPY_FLOAT64)
+    cdef cnp.ndarray mean = cnp.PyArray_EMPTY(0 if all_axes else nd - 1, cnp.PyArray_DIMS(xa),
+                                              otype, 0)
+    cdef cnp.ndarray var = cnp.PyArray_EMPTY(0 if all_axes else nd - 1, cnp.PyArray_DIMS(xa),
+                                             otype, 0)
+    cdef double m, v
+    cdef State small[16]
+    cdef State* st = small
+    if R > 16:
+        st = <State*>malloc(R * sizeof(State))
+        if st == NULL:
+            raise MemoryError()
+    cdef char* xp = <char*>cnp.PyArray_DATA(xa)
+    cdef double* mp = <double*>cnp.PyArray_DATA(mean)
+    cdef double* vp = <double*>cnp.PyArray_DATA(var)
+    with nogil:
+        memset(st, 0, R * sizeof(State))
+        if typenum == cnp.NPY_FLOAT64:
+            rows_kernel(<const double*>xp, shape, strides, 0, 1, st, 1)
+        elif typenum == cnp.NPY_FLOAT32:
+            rows_kernel(<const float*>xp, shape, strides, 0, 1, st, 1)
+        else:
+            rows_kernel(<const uint16_t*>xp, shape, strides, 0, 1, st, 1)
+        for i in range(R):
+            if otype == cnp.NPY_FLOAT32:
+                state_finalize(&st[i], ddof, &m, &v)
+                (<float*>mp)[i] = <float>m
+                (<float*>vp)[i] = <float>v
+            else:
+                state_finalize(&st[i], ddof, &mp[i], &vp[i])
+    if R > 16:
+        free(st)
+    return mean, var
 
 
 _ONE_ROW = np.ones(1)

@@ -114,6 +114,27 @@ def _shape_out(arr, axes, ndim, keepdims):
     return arr
 
 
+def _small_moments(x, axis, ddof, backend, num_threads, float64_out=False):
+    """Float64 (mean, var) from the small-call kernel entry (``moments_small``) for
+    the common call -- a small C-contiguous float array over the last axis or all
+    axes, default arguments -- or None (the general path then runs).  It skips
+    the Python planning, which costs more than the kernel for small arrays; the
+    result is bitwise the general path's."""
+    if (num_threads is None and type(backend) is str and (backend == "auto" or backend == "cython")
+            and _config.HAVE_EXTENSION and (type(ddof) is int or type(ddof) is float)
+            and (axis is None or (type(axis) is int and axis == -1))):
+        return _config.kernels.moments_small(x, axis is None, ddof, float64_out)
+    return None
+
+
+def _small_result(arr, dtype):
+    """A result of the small path (float32 for float32 input, else float64) in the
+    result dtype (scalar when 0-d)."""
+    if arr.dtype == dtype:
+        return arr if arr.ndim else arr[()]
+    return _cast(arr, dtype)
+
+
 def _cast(arr, dtype):
     a = np.asarray(arr, dtype=np.float64)
     with np.errstate(over="ignore"):
@@ -168,6 +189,10 @@ def moments(x, axis=None, *, ddof=0, weights=None, skipna=False, keepdims=False,
     >>> cnorm.moments(x)
     (np.float64(100000002.0), np.float64(0.6666666666666666))
     """
+    if weights is None and skipna is False and keepdims is False and dtype is None:
+        small = _small_moments(x, axis, ddof, backend, num_threads)
+        if small is not None:
+            return _small_result(small[0], x.dtype), _small_result(small[1], x.dtype)
     ddof = check_real(ddof, "ddof", "moments")
     keepdims = check_bool(keepdims, "keepdims", "moments")
     dt = check_dtype_arg(dtype, "dtype", "moments")
@@ -180,6 +205,12 @@ def moments(x, axis=None, *, ddof=0, weights=None, skipna=False, keepdims=False,
 
 
 def _reduce(kind, x, axis, dtype, out, ddof, keepdims, backend, num_threads, where_name):
+    if out is None and keepdims is False and dtype is None:
+        small = _small_moments(x, axis, 0 if kind == "mean" else ddof, backend, num_threads,
+                               kind == "std")
+        if small is not None:
+            r = small[0] if kind == "mean" else (small[1] if kind == "var" else np.sqrt(small[1]))
+            return _small_result(r, x.dtype)
     ddof = check_real(ddof, "ddof", where_name)
     keepdims = check_bool(keepdims, "keepdims", where_name)
     dt = check_dtype_arg(dtype, "dtype", where_name)

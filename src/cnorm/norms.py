@@ -242,7 +242,7 @@ def _small_call(x, axis, out, eps, mode, weight, bias, activation, return_stats,
     if (activation is None and return_stats is False and num_threads is None
             and type(axis) is int and axis == -1 and type(backend) is str
             and (backend == "auto" or backend == "cython") and _config.HAVE_EXTENSION
-            and (eps is None or (type(eps) is float and eps >= 0.0))):
+            and ((eps is None and mode == 1) or (type(eps) is float and eps >= 0.0))):
         if eps is None:  # rms_norm's default: machine epsilon of the dtype
             if type(x) is not np.ndarray or x.dtype.kind != "f" or x.dtype.itemsize > 8:
                 return None

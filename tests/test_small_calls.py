@@ -1,0 +1,245 @@
+"""The small-call entry of layer_norm / rms_norm (``_kernels.norm_rows_small``).
+
+Small arrays with the default arguments skip the Python planning and go to
+the kernel through one C function.  It must give bitwise the results of the
+general path (forced here with ``num_threads=1``, which the fast path never
+takes), fall back to it for everything it does not handle, and keep every
+error of the general path.
+"""
+import numpy as np
+import pytest
+
+import cnorm
+from cnorm import _config
+
+pytestmark = pytest.mark.skipif(not _config.HAVE_EXTENSION, reason="no compiled kernels")
+
+SHAPES = [(1,), (7,), (4, 16), (32, 64), (3, 5, 33), (130, 1000), (1, 1)]
+
+
+def _same(a, b):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
+def _data(shape, dtype, rng, offset=0.0):
+    return (rng.standard_normal(shape) * 3 + offset).astype(dtype)
+
+
+def _spy(monkeypatch):
+    """Count the calls that the small-call kernel actually handled."""
+    handled = []
+    real = _config.kernels.norm_rows_small
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(real_module, name)
+
+        @staticmethod
+        def norm_rows_small(*args):
+            y = real(*args)
+            handled.append(y is not None)
+            return y
+
+    real_module = _config.kernels
+    monkeypatch.setattr(_config, "kernels", Spy())
+    return handled
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64], ids=lambda d: d.__name__)
+@pytest.mark.parametrize("name", ["layer_norm", "rms_norm"])
+def test_small_path_is_bitwise_the_general_path(isa, name, shape, dtype, rng, monkeypatch):
+    fn = getattr(cnorm, name)
+    x = _data(shape, dtype, rng, offset=1000.0 if dtype != np.float16 else 10.0)
+    general = fn(x, num_threads=1)
+    handled = _spy(monkeypatch)
+    fast = fn(x)
+    assert handled == [True]
+    _same(fast, general)
+    out = np.full_like(x, np.nan)
+    assert fn(x, out=out) is out
+    _same(out, general)
+    xi = x.copy()
+    assert fn(xi, out=xi) is xi
+    _same(xi, general)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: d.__name__)
+def test_small_path_with_float64_affine(isa, dtype, rng, monkeypatch):
+    x = _data((9, 40), dtype, rng)
+    w, b = rng.standard_normal(40), rng.standard_normal(40)
+    for kw in ({"weight": w}, {"bias": b}, {"weight": w, "bias": b}):
+        general = cnorm.layer_norm(x, num_threads=1, **kw)
+        handled = _spy(monkeypatch)
+        _same(cnorm.layer_norm(x, **kw), general)
+        assert handled == [True]
+        monkeypatch.undo()
+    general = cnorm.rms_norm(x, weight=w, num_threads=1)
+    _same(cnorm.rms_norm(x, weight=w), general)
+
+
+def test_special_values_stay_in_their_row_on_the_small_path(rng):
+    x = _data((5, 24), np.float32, rng)
+    x[1, 3], x[2, 0], x[3] = np.nan, np.inf, 7.0
+    y = cnorm.layer_norm(x)
+    assert np.isnan(y[1]).all() and np.isnan(y[2]).all()
+    assert (y[3] == 0).all() and np.isfinite(y[[0, 4]]).all()
+    _same(y, cnorm.layer_norm(x, num_threads=1))
+
+
+@pytest.mark.parametrize("case", ["float32 weight", "strided x", "fortran x", "list x",
+                                  "axis 0", "partial overlap", "big", "activation",
+                                  "int x", "strided out"])
+def test_ineligible_calls_take_the_general_path(case, rng, monkeypatch):
+    x = _data((16, 32), np.float64, rng)
+    kw, call_x = {}, x
+    if case == "float32 weight":
+        kw["weight"] = np.ones(32, np.float32)
+    elif case == "strided x":
+        call_x = _data((16, 64), np.float64, rng)[:, ::2]
+    elif case == "fortran x":
+        call_x = np.asfortranarray(x)
+    elif case == "list x":
+        call_x = x.tolist()
+    elif case == "axis 0":
+        kw["axis"] = 0
+    elif case == "partial overlap":
+        buf = np.zeros(16 * 32 + 8)
+        buf[:512] = x.ravel()
+        call_x, kw["out"] = buf[:512].reshape(16, 32), buf[8:].reshape(16, 32)
+    elif case == "big":
+        call_x = _data((512, 512), np.float32, rng)
+    elif case == "activation":
+        kw["activation"] = "relu"
+    elif case == "int x":
+        call_x = (x * 100).astype(np.int64)
+    elif case == "strided out":
+        kw["out"] = np.empty((16, 64))[:, ::2]
+    expected_input = np.array(call_x, copy=True)
+    ref_kw = dict(kw)
+    if "out" in ref_kw:
+        ref_kw["out"] = None
+    expected = cnorm.layer_norm(expected_input, num_threads=1, **ref_kw)
+    handled = _spy(monkeypatch)
+    got = cnorm.layer_norm(call_x, **kw)
+    assert True not in handled
+    np.testing.assert_array_equal(np.asarray(got, dtype=np.float64),
+                                  np.asarray(expected, dtype=np.float64))
+
+
+@pytest.mark.parametrize("bad", [{"eps": -1.0}, {"eps": float("nan")}, {"eps": "1e-5"},
+                                 {"weight": np.ones(31)}, {"axis": 2}, {"backend": "fast"},
+                                 {"out": np.empty((4, 8))}])
+def test_errors_are_those_of_the_general_path(bad, rng):
+    x = _data((4, 16), np.float32, rng)
+    out_before = None if "out" not in bad else bad["out"].copy()
+    with pytest.raises((TypeError, ValueError)):
+        cnorm.layer_norm(x, **bad)
+    if out_before is not None:
+        np.testing.assert_array_equal(bad["out"], out_before)
+
+
+def test_read_only_out_is_refused(rng):
+    x = _data((4, 16), np.float32, rng)
+    out = np.empty_like(x)
+    out.flags.writeable = False
+    with pytest.raises(ValueError, match="out"):
+        cnorm.layer_norm(x, out=out)
+
+
+# ------------------------------------------------------------------ moments, mean, var, std
+def _same_result(a, b):
+    a, b = np.atleast_1d(np.asarray(a)), np.atleast_1d(np.asarray(b))
+    assert a.dtype == b.dtype and a.shape == b.shape
+    np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
+def _spy_moments(monkeypatch):
+    handled = []
+    real_module = _config.kernels
+    real = real_module.moments_small
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(real_module, name)
+
+        @staticmethod
+        def moments_small(*args):
+            r = real(*args)
+            handled.append(r is not None)
+            return r
+
+    monkeypatch.setattr(_config, "kernels", Spy())
+    return handled
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64], ids=lambda d: d.__name__)
+@pytest.mark.parametrize("axis", [-1, None])
+def test_small_moments_are_bitwise_the_general_path(isa, shape, dtype, axis, rng, monkeypatch):
+    x = _data(shape, dtype, rng, offset=1000.0 if dtype != np.float16 else 10.0)
+    n = x.shape[-1] if axis == -1 else x.size
+    ddofs = [0, 1, 0.5] if n > 1 else [0]
+    general = {}
+    for ddof in ddofs:
+        general[ddof] = (cnorm.moments(x, axis, ddof=ddof, num_threads=1),
+                         [getattr(cnorm, f)(x, axis, ddof=ddof, num_threads=1)
+                          for f in ("var", "std")])
+    general_mean = cnorm.mean(x, axis, num_threads=1)
+    handled = _spy_moments(monkeypatch)
+    for ddof in ddofs:
+        (gm, gv), (gvar, gstd) = general[ddof]
+        m, v = cnorm.moments(x, axis, ddof=ddof)
+        _same_result(m, gm)
+        _same_result(v, gv)
+        _same_result(cnorm.var(x, axis, ddof=ddof), gvar)
+        _same_result(cnorm.std(x, axis, ddof=ddof), gstd)
+        if axis is None:
+            assert np.ndim(m) == 0 and not isinstance(m, np.ndarray)
+    _same_result(cnorm.mean(x, axis), general_mean)
+    assert handled and all(handled)
+
+
+def test_small_moments_nan_and_ddof_edge_go_through_their_rules(monkeypatch):
+    x = np.array([[1.0, 2.0, np.nan], [4.0, 4.0, 4.0]], np.float32)
+    m, v = cnorm.moments(x, -1)
+    assert np.isnan(m[0]) and np.isnan(v[0]) and m[1] == 4 and v[1] == 0
+    handled = _spy_moments(monkeypatch)
+    with pytest.warns(RuntimeWarning):   # ddof >= n: the general path's warning
+        cnorm.var(x, -1, ddof=3)
+    assert handled == [False]
+
+
+@pytest.mark.parametrize("case", ["axis 0", "weights", "skipna", "keepdims", "dtype", "out",
+                                  "strided", "list", "int"])
+def test_small_moments_ineligible_calls(case, rng, monkeypatch):
+    x = _data((8, 12), np.float64, rng)
+    xs = _data((8, 24), np.float64, rng)[:, ::2]
+    handled = _spy_moments(monkeypatch)
+    out = np.empty(8)
+    got, expected = {
+        "axis 0": lambda: (cnorm.moments(x, 0)[1], np.var(x, 0)),
+        "weights": lambda: (cnorm.moments(x, -1, weights=np.ones(12))[1], np.var(x, -1)),
+        "skipna": lambda: (cnorm.moments(x, -1, skipna=True)[1], np.var(x, -1)),
+        "keepdims": lambda: (cnorm.var(x, -1, keepdims=True), np.var(x, -1, keepdims=True)),
+        "dtype": lambda: (cnorm.var(x, -1, dtype=np.float32), np.var(x, -1).astype(np.float32)),
+        "out": lambda: (cnorm.var(x, -1, out=out), np.var(x, -1)),
+        "strided": lambda: (cnorm.var(xs, -1), np.var(xs, -1)),
+        "list": lambda: (cnorm.var(x.tolist(), -1), np.var(x, -1)),
+        "int": lambda: (cnorm.var((x * 10).astype(np.int32), -1),
+                        np.var((x * 10).astype(np.int32), -1)),
+    }[case]()
+    assert True not in handled
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    np.testing.assert_allclose(got, expected, rtol=1e-6 if got.dtype == np.float32 else 1e-12)
+    if case == "out":
+        assert got is out
+
+
+@pytest.mark.parametrize("bad", [{"ddof": True}, {"ddof": "1"}, {"axis": 2}, {"backend": "fast"},
+                                 {"num_threads": 0}])
+def test_small_moments_errors_are_those_of_the_general_path(bad, rng):
+    x = _data((4, 16), np.float32, rng)
+    with pytest.raises((TypeError, ValueError)):
+        cnorm.var(x, **({"axis": -1} | bad))
