@@ -13,8 +13,10 @@
 #include <string.h>
 #include <stddef.h>
 #include <math.h>
-#if defined(__F16C__) || defined(__AVX2__)
+#if defined(__F16C__) || defined(__AVX__)
 #include <immintrin.h>
+#elif defined(__SSE2__)
+#include <emmintrin.h>
 #endif
 
 #if defined(__AVX512F__)
@@ -133,104 +135,171 @@ static inline void cn_double8_to_half(const double *in, uint16_t *p) {
 }
 
 /* ---- the two passes of a contiguous block row (n elements) ----
- * Sixteen float64 lanes held in two 8-wide GCC vectors (the compiler lowers
- * them to 2 zmm, 4 ymm or 8 xmm registers depending on the ISA level), combined
- * by a fixed pairwise tree: results depend only on n and the data, never on
- * the ISA or the thread.  These are the hot loops of block_moments in
- * _kernels.pyx. */
-typedef double cn_v8d __attribute__((vector_size(64)));
-typedef float cn_v8f __attribute__((vector_size(32)));
+ * These are the hot loops of block_moments in _kernels.pyx.
+ *
+ * Lane layout.  Each row kernel keeps 16 float64 lanes: lane j (0..15)
+ * accumulates exactly the elements p[i] with i % 16 == j, in increasing i,
+ * for i < n - n % 16; the n % 16 trailing elements go through a scalar tail
+ * (a separate sum, or lane 0 for double-double).  The 16 lanes are then
+ * combined by a fixed pairwise tree,
+ *     lane[j] += lane[j + w]   for w = 8, 4, 2, 1 and j < w,
+ * so results depend only on n and the data, never on the ISA or the thread.
+ *
+ * The lanes are held in CN_NV native vectors of CN_VW doubles each, lane j
+ * being element j % CN_VW of vector j / CN_VW:
+ *     AVX-512 (x86-64-v4):  CN_VW = 8, CN_NV = 2  (2 zmm per 16 lanes)
+ *     AVX     (x86-64-v3):  CN_VW = 4, CN_NV = 4  (4 ymm)
+ *     otherwise (SSE2...):  CN_VW = 2, CN_NV = 8  (8 xmm / 128-bit vectors)
+ * A vector never exceeds the native width, so the accumulators stay in
+ * registers as far as the register file allows (wider GCC vectors were split
+ * through the stack on AVX2; the double-double kernel's 64 accumulator
+ * doubles still need 16 ymm / 32 xmm, so part of them spills there).  The
+ * tree levels with w >= CN_VW are whole-vector additions v[k] += v[k + w/CN_VW];
+ * the levels with w < CN_VW run on the elements of v[0].  All of this is the
+ * same IEEE operations on the same operands in the same order as one scalar
+ * loop per lane. */
+#if defined(__AVX512F__)
+#define CN_VW 8
+#elif defined(__AVX__)
+#define CN_VW 4
+#else
+#define CN_VW 2
+#endif
+#define CN_NV (16 / CN_VW)   /* vectors per 16 lanes */
 
-static inline cn_v8d cn_load8_f32(const float *p) {
-    cn_v8f f;
-    memcpy(&f, p, sizeof f);
-    return __builtin_convertvector(f, cn_v8d);
+typedef double cn_vd __attribute__((vector_size(CN_VW * 8)));
+typedef float cn_vf __attribute__((vector_size(CN_VW * 4)));
+
+static inline cn_vd cn_vsplat(double c) {
+    cn_vd v;
+    for (int j = 0; j < CN_VW; j++) v[j] = c;
+    return v;
 }
 
-static inline cn_v8d cn_load8_f64(const double *p) {
-    cn_v8d v;
+/* v with element 0 replaced by x (on a value: an element store into an array
+ * of vectors would keep the whole array in memory) */
+static inline cn_vd cn_vset0(cn_vd v, double x) { v[0] = x; return v; }
+
+/* CN_VW consecutive elements to doubles (unaligned loads) */
+static inline cn_vd cn_vld_f64(const double *p) {
+    cn_vd v;
     memcpy(&v, p, sizeof v);
     return v;
 }
 
-static inline cn_v8d cn_load8_f16(const uint16_t *p) {
-    double buf[8];
-    cn_v8d v;
-    cn_half8_to_double(p, buf);
-    memcpy(&v, buf, sizeof v);
-    return v;
-}
+static inline void cn_vst_f64(double *p, cn_vd v) { memcpy(p, &v, sizeof v); }
 
-/* the pairwise tree over lanes (a0 = lanes 0-7, a1 = lanes 8-15) */
-static inline double cn_tree16v(cn_v8d a0, cn_v8d a1) {
-    double a[8];
-    cn_v8d s = a0 + a1;
-    memcpy(a, &s, sizeof a);
-    for (int w = 4; w >= 1; w /= 2)
-        for (int j = 0; j < w; j++) a[j] += a[j + w];
-    return a[0];
-}
-
-/* exact error of the lane products a*b - p */
-static inline cn_v8d cn_v8_two_prod_err(cn_v8d a, cn_v8d b, cn_v8d p) {
-#if defined(__AVX512F__)
-    return (cn_v8d)_mm512_fmsub_pd((__m512d)a, (__m512d)b, (__m512d)p);
-#elif defined(__FMA__)
-    double r[8], x[8], y[8], z[8];
-    memcpy(x, &a, 64); memcpy(y, &b, 64); memcpy(z, &p, 64);
-    _mm256_storeu_pd(r, _mm256_fmsub_pd(_mm256_loadu_pd(x), _mm256_loadu_pd(y), _mm256_loadu_pd(z)));
-    _mm256_storeu_pd(r + 4, _mm256_fmsub_pd(_mm256_loadu_pd(x + 4), _mm256_loadu_pd(y + 4),
-                                            _mm256_loadu_pd(z + 4)));
-    cn_v8d out;
-    memcpy(&out, r, 64);
-    return out;
+static inline cn_vd cn_vld_f32(const float *p) {
+/* (GCC 12 lowers __builtin_convertvector float -> double as two half-width
+ * conversions plus an insert, so use the native conversion where there is one) */
+#if CN_VW == 8
+    return (cn_vd)_mm512_cvtps_pd(_mm256_loadu_ps(p));
+#elif CN_VW == 4
+    return (cn_vd)_mm256_cvtps_pd(_mm_loadu_ps(p));
+#elif CN_VW == 2 && defined(__SSE2__)
+    return (cn_vd)_mm_cvtps_pd(_mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)p)));
 #else
-    double x[8], y[8], z[8];
-    memcpy(x, &a, 64); memcpy(y, &b, 64); memcpy(z, &p, 64);
-    for (int j = 0; j < 8; j++) x[j] = cn_two_prod_err(x[j], y[j], z[j]);
-    cn_v8d out;
-    memcpy(&out, x, 64);
-    return out;
+    cn_vf f;
+    memcpy(&f, p, sizeof f);
+    return __builtin_convertvector(f, cn_vd);
 #endif
 }
 
-#define CN_DEFINE_ROW(SUFFIX, T, LOAD8, CONV)                                     \
+static inline cn_vd cn_vld_f16(const uint16_t *p) {
+#if CN_VW == 8
+    return (cn_vd)_mm512_cvtps_pd(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)));
+#elif CN_VW == 4 && defined(__F16C__)
+    return (cn_vd)_mm256_cvtps_pd(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)p)));
+#else
+    cn_vd v;
+    for (int j = 0; j < CN_VW; j++) v[j] = (double)cn_half_to_float_sw(p[j]);
+    return v;
+#endif
+}
+
+/* The pairwise tree over the 16 lanes held in a[0..CN_NV-1]:
+ * lane[j] += lane[j + w] for w = 8, 4, 2, 1 (j < w).  The levels with
+ * w >= CN_VW add whole vectors, the others add elements of the remaining
+ * vector.  Spelled out without loops so that the lanes stay in registers. */
+static inline double cn_tree16(const cn_vd *a) {
+#if CN_VW == 8      /* w = 8 on vectors; w = 4, 2, 1 on elements */
+    cn_vd v = a[0] + a[1];
+    return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
+#elif CN_VW == 4    /* w = 8, 4 on vectors; w = 2, 1 on elements */
+    cn_vd v = (a[0] + a[2]) + (a[1] + a[3]);
+    return (v[0] + v[2]) + (v[1] + v[3]);
+#else               /* w = 8, 4, 2 on vectors; w = 1 on elements */
+    cn_vd v = ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+    return v[0] + v[1];
+#endif
+}
+
+/* exact error of the lane products a*b - p */
+static inline cn_vd cn_v_two_prod_err(cn_vd a, cn_vd b, cn_vd p) {
+#if CN_VW == 8
+    return (cn_vd)_mm512_fmsub_pd((__m512d)a, (__m512d)b, (__m512d)p);
+#elif CN_VW == 4 && defined(__FMA__)
+    return (cn_vd)_mm256_fmsub_pd((__m256d)a, (__m256d)b, (__m256d)p);
+#else
+    /* Dekker's splitting lane by lane, the operations of cn_two_prod_err.
+     * Lanes needing its overflow scaling (|a| or |b| > 2^995) are rare: then
+     * every lane goes through the scalar function.  Otherwise its scale is 1
+     * and the final multiplication by it is exact, so it is left out. */
+    typedef int64_t cn_vi __attribute__((vector_size(CN_VW * 8)));
+    cn_vi absmask;
+    for (int j = 0; j < CN_VW; j++) absmask[j] = INT64_MAX;
+    const cn_vd big = cn_vsplat(0x1p995);
+    cn_vi huge = ((cn_vd)((cn_vi)a & absmask) > big) | ((cn_vd)((cn_vi)b & absmask) > big);
+    int any = 0;
+    for (int j = 0; j < CN_VW; j++) any |= huge[j] != 0;
+    if (__builtin_expect(any, 0)) {
+        cn_vd r;
+        for (int j = 0; j < CN_VW; j++) r[j] = cn_two_prod_err(a[j], b[j], p[j]);
+        return r;
+    }
+    const cn_vd split = cn_vsplat(134217729.0); /* 2^27 + 1 */
+    cn_vd t = split * a, ah = t - (t - a), al = a - ah;
+    t = split * b;
+    cn_vd bh = t - (t - b), bl = b - bh;
+    return ((ah * bh - p) + ah * bl + al * bh) + al * bl;
+#endif
+}
+
+#define CN_DEFINE_ROW(SUFFIX, T, VLOAD, CONV)                                     \
 /* pass 1: plain float64 sum (the pilot mean only needs to be close) */          \
 static inline double cn_sum_##SUFFIX(const T *__restrict p, ptrdiff_t n) {        \
-    cn_v8d a0 = {0}, a1 = {0};                                                   \
+    cn_vd a[CN_NV];                                                              \
+    for (int k = 0; k < CN_NV; k++) a[k] = cn_vsplat(0.0);                       \
     ptrdiff_t i, nv = n - n % 16;                                                \
-    for (i = 0; i < nv; i += 16) {                                               \
-        a0 += LOAD8(p + i);                                                      \
-        a1 += LOAD8(p + i + 8);                                                  \
-    }                                                                            \
+    for (i = 0; i < nv; i += 16)                                                 \
+        for (int k = 0; k < CN_NV; k++) a[k] += VLOAD(p + i + k * CN_VW);        \
     double tail = 0.0;                                                           \
     for (; i < n; i++) tail += CONV(p[i]);                                       \
-    return cn_tree16v(a0, a1) + tail;                                            \
+    return cn_tree16(a) + tail;                                                  \
 }                                                                                \
 /* pass 2: S1 += sum(x - c), S2 += sum((x - c)^2) in float64 */                 \
 static inline void cn_centred_##SUFFIX(const T *__restrict p, ptrdiff_t n,        \
                                        double c, double *s1, double *s2) {       \
-    cn_v8d a0 = {0}, a1 = {0}, q0 = {0}, q1 = {0};                               \
-    cn_v8d cv = {c, c, c, c, c, c, c, c};                                        \
+    cn_vd a[CN_NV], q[CN_NV], cv = cn_vsplat(c);                                 \
+    for (int k = 0; k < CN_NV; k++) a[k] = q[k] = cn_vsplat(0.0);                \
     ptrdiff_t i, nv = n - n % 16;                                                \
-    for (i = 0; i < nv; i += 16) {                                               \
-        cn_v8d d0 = LOAD8(p + i) - cv, d1 = LOAD8(p + i + 8) - cv;               \
-        a0 += d0;                                                                \
-        a1 += d1;                                                                \
-        q0 += d0 * d0;                                                           \
-        q1 += d1 * d1;                                                           \
-    }                                                                            \
+    for (i = 0; i < nv; i += 16)                                                 \
+        for (int k = 0; k < CN_NV; k++) {                                        \
+            cn_vd d = VLOAD(p + i + k * CN_VW) - cv;                             \
+            a[k] += d;                                                           \
+            q[k] += d * d;                                                       \
+        }                                                                        \
     double t1 = 0.0, t2 = 0.0;                                                   \
     for (; i < n; i++) { double d = CONV(p[i]) - c; t1 += d; t2 += d * d; }       \
-    *s1 += cn_tree16v(a0, a1) + t1;                                              \
-    *s2 += cn_tree16v(q0, q1) + t2;                                              \
+    *s1 += cn_tree16(a) + t1;                                                    \
+    *s2 += cn_tree16(q) + t2;                                                    \
 }
 
 #define CN_CONV_F(v) ((double)(v))
 #define CN_CONV_H(v) cn_half_to_double(v)
-CN_DEFINE_ROW(f16, uint16_t, cn_load8_f16, CN_CONV_H)
-CN_DEFINE_ROW(f32, float, cn_load8_f32, CN_CONV_F)
-CN_DEFINE_ROW(f64_plain, double, cn_load8_f64, CN_CONV_F)
+CN_DEFINE_ROW(f16, uint16_t, cn_vld_f16, CN_CONV_H)
+CN_DEFINE_ROW(f32, float, cn_vld_f32, CN_CONV_F)
+CN_DEFINE_ROW(f64_plain, double, cn_vld_f64, CN_CONV_F)
 #define cn_sum_f64 cn_sum_f64_plain
 
 /* pass 2 (float64): the same sums in double-double.  d = x - c exactly as
@@ -251,14 +320,50 @@ static inline void cn_dd_add(double *h, double *l, double bh, double bl) {
     *h = t;
 }
 
+/* cn_dd_add lane by lane (the same operations) */
+static inline void cn_vdd_add(cn_vd *h, cn_vd *l, cn_vd bh, cn_vd bl) {
+    cn_vd s = *h + bh, bb = s - *h;
+    cn_vd e = (*h - (s - bb)) + (bh - bb);
+    e += *l + bl;
+    cn_vd t = s + e;
+    *l = e - (t - s);
+    *h = t;
+}
+
+/* The double-double tree over 16 lanes (h[k], l[k]): the pairing of
+ * cn_tree16 with cn_dd_add at every node; lane 0's result goes to *H, *L.
+ * The levels w >= CN_VW run on whole vectors, the rest on scalars. */
+static inline void cn_dd_tree16(cn_vd *h, cn_vd *l, double *H, double *L) {
+#if CN_NV == 8      /* w = 8 */
+    cn_vdd_add(&h[0], &l[0], h[4], l[4]);
+    cn_vdd_add(&h[1], &l[1], h[5], l[5]);
+    cn_vdd_add(&h[2], &l[2], h[6], l[6]);
+    cn_vdd_add(&h[3], &l[3], h[7], l[7]);
+#endif
+#if CN_NV >= 4      /* w = 8 (CN_NV == 4) or 4 (CN_NV == 8) */
+    cn_vdd_add(&h[0], &l[0], h[2], l[2]);
+    cn_vdd_add(&h[1], &l[1], h[3], l[3]);
+#endif
+    cn_vdd_add(&h[0], &l[0], h[1], l[1]);   /* w = CN_VW */
+    double hs[CN_VW], ls[CN_VW];
+    memcpy(hs, &h[0], sizeof hs);
+    memcpy(ls, &l[0], sizeof ls);
+    for (int w = CN_VW / 2; w >= 1; w /= 2)  /* w < CN_VW */
+        for (int j = 0; j < w; j++) cn_dd_add(&hs[j], &ls[j], hs[j + w], ls[j + w]);
+    *H = hs[0];
+    *L = ls[0];
+}
+
+/* one element per lane into the double-double sums; needs cn_vd cv (the
+ * centre) and two (2.0) in scope */
 #define CN_DD_LANE_STEP(x, h1, l1, h2, l2) do {                                   \
-    cn_v8d d_ = (x) - cv, bb_ = d_ - (x);                                        \
-    cn_v8d de_ = ((x) - (d_ - bb_)) + (-cv - bb_);                               \
-    cn_v8d t_ = h1 + d_, b2_ = t_ - h1;                                          \
+    cn_vd d_ = (x) - cv, bb_ = d_ - (x);                                         \
+    cn_vd de_ = ((x) - (d_ - bb_)) + (-cv - bb_);                                \
+    cn_vd t_ = h1 + d_, b2_ = t_ - h1;                                           \
     l1 += ((h1 - (t_ - b2_)) + (d_ - b2_)) + de_;                                \
     h1 = t_;                                                                     \
-    cn_v8d q_ = d_ * d_;                                                         \
-    cn_v8d qe_ = cn_v8_two_prod_err(d_, d_, q_) + two * d_ * de_;                \
+    cn_vd q_ = d_ * d_;                                                          \
+    cn_vd qe_ = cn_v_two_prod_err(d_, d_, q_) + two * d_ * de_;                  \
     t_ = h2 + q_;                                                                \
     b2_ = t_ - h2;                                                               \
     l2 += ((h2 - (t_ - b2_)) + (q_ - b2_)) + qe_;                                \
@@ -267,68 +372,69 @@ static inline void cn_dd_add(double *h, double *l, double bh, double bl) {
 
 static inline void cn_centred_f64(const double *__restrict p, ptrdiff_t n, double c,
                                   double *s1h, double *s1l, double *s2h, double *s2l) {
-    cn_v8d h1a = {0}, l1a = {0}, h2a = {0}, l2a = {0};
-    cn_v8d h1b = {0}, l1b = {0}, h2b = {0}, l2b = {0};
-    cn_v8d cv = {c, c, c, c, c, c, c, c};
-    cn_v8d two = {2, 2, 2, 2, 2, 2, 2, 2};
+    cn_vd h1[CN_NV], l1[CN_NV], h2[CN_NV], l2[CN_NV];
+    const cn_vd cv = cn_vsplat(c), two = cn_vsplat(2.0);
+    for (int k = 0; k < CN_NV; k++) h1[k] = l1[k] = h2[k] = l2[k] = cn_vsplat(0.0);
     ptrdiff_t i, nv = n - n % 16;
-    for (i = 0; i < nv; i += 16) {
-        cn_v8d xa = cn_load8_f64(p + i), xb = cn_load8_f64(p + i + 8);
-        CN_DD_LANE_STEP(xa, h1a, l1a, h2a, l2a);
-        CN_DD_LANE_STEP(xb, h1b, l1b, h2b, l2b);
-    }
-    double H1[16], L1[16], H2[16], L2[16];
-    memcpy(H1, &h1a, 64); memcpy(H1 + 8, &h1b, 64);
-    memcpy(L1, &l1a, 64); memcpy(L1 + 8, &l1b, 64);
-    memcpy(H2, &h2a, 64); memcpy(H2 + 8, &h2b, 64);
-    memcpy(L2, &l2a, 64); memcpy(L2 + 8, &l2b, 64);
-    for (; i < n; i++) {  /* tail into lane 0, same arithmetic */
-        double x = p[i], d = x - c, bb = d - x;
-        double de = (x - (d - bb)) + (-c - bb);
-        double q = d * d;
-        cn_dd_add(&H1[0], &L1[0], d, de);
-        cn_dd_add(&H2[0], &L2[0], q, cn_two_prod_err(d, d, q) + 2.0 * d * de);
-    }
-    for (int w = 8; w >= 1; w /= 2)
-        for (int j = 0; j < w; j++) {
-            cn_dd_add(&H1[j], &L1[j], H1[j + w], L1[j + w]);
-            cn_dd_add(&H2[j], &L2[j], H2[j + w], L2[j + w]);
+    for (i = 0; i < nv; i += 16)
+        for (int k = 0; k < CN_NV; k++) {
+            cn_vd x = cn_vld_f64(p + i + k * CN_VW);
+            CN_DD_LANE_STEP(x, h1[k], l1[k], h2[k], l2[k]);
         }
-    cn_dd_add(s1h, s1l, H1[0], L1[0]);
-    cn_dd_add(s2h, s2l, H2[0], L2[0]);
+    if (i < n) {  /* tail into lane 0 (element 0 of vector 0), scalar cn_dd_add */
+        double H1 = h1[0][0], L1 = l1[0][0], H2 = h2[0][0], L2 = l2[0][0];
+        for (; i < n; i++) {
+            double x = p[i], d = x - c, bb = d - x;
+            double de = (x - (d - bb)) + (-c - bb);
+            double q = d * d;
+            cn_dd_add(&H1, &L1, d, de);
+            cn_dd_add(&H2, &L2, q, cn_two_prod_err(d, d, q) + 2.0 * d * de);
+        }
+        h1[0] = cn_vset0(h1[0], H1); l1[0] = cn_vset0(l1[0], L1);
+        h2[0] = cn_vset0(h2[0], H2); l2[0] = cn_vset0(l2[0], L2);
+    }
+    double H1, L1, H2, L2;
+    cn_dd_tree16(h1, l1, &H1, &L1);
+    cn_dd_tree16(h2, l2, &H2, &L2);
+    cn_dd_add(s1h, s1l, H1, L1);
+    cn_dd_add(s2h, s2l, H2, L2);
 }
 
 /* ---- one row of a column block: per-column centred sums (channels-last) ----
- * s1[j] += x[j] - c[j], s2[j] += (x[j] - c[j])^2 for j < n, eight columns at a
- * time; float64 input keeps double-double sums (h1, l1, h2, l2). */
-static inline cn_v8d cn_ld8d(const double *p) { cn_v8d v; memcpy(&v, p, 64); return v; }
-static inline void cn_st8d(double *p, cn_v8d v) { memcpy(p, &v, 64); }
-
-#define CN_DEFINE_COLS(SUFFIX, T, LOAD8, CONV)                                    \
+ * s1[j] += x[j] - c[j], s2[j] += (x[j] - c[j])^2 for j < n; float64 input
+ * keeps double-double sums (h1, l1, h2, l2).  Columns are independent, so
+ * the vector width does not matter, but the split does: columns below
+ * n - n % 8 take the vector step, the rest the scalar tail (for float64 the
+ * two differ in rounding), eight columns (8 / CN_VW vectors) at a time. */
+#define CN_DEFINE_COLS(SUFFIX, T, VLOAD, CONV)                                    \
 static inline void cn_cols_centred_##SUFFIX(const T *__restrict x, ptrdiff_t n,   \
         const double *__restrict c, double *__restrict s1, double *__restrict s2) { \
     ptrdiff_t j, nv = n - n % 8;                                                 \
-    for (j = 0; j < nv; j += 8) {                                                \
-        cn_v8d d = LOAD8(x + j) - cn_ld8d(c + j);                                \
-        cn_st8d(s1 + j, cn_ld8d(s1 + j) + d);                                    \
-        cn_st8d(s2 + j, cn_ld8d(s2 + j) + d * d);                                \
-    }                                                                            \
+    for (j = 0; j < nv; j += 8)                                                  \
+        for (int k = 0; k < 8; k += CN_VW) {                                     \
+            cn_vd d = VLOAD(x + j + k) - cn_vld_f64(c + j + k);                  \
+            cn_vst_f64(s1 + j + k, cn_vld_f64(s1 + j + k) + d);                  \
+            cn_vst_f64(s2 + j + k, cn_vld_f64(s2 + j + k) + d * d);              \
+        }                                                                        \
     for (; j < n; j++) { double d = CONV(x[j]) - c[j]; s1[j] += d; s2[j] += d * d; } \
 }
-CN_DEFINE_COLS(f16, uint16_t, cn_load8_f16, CN_CONV_H)
-CN_DEFINE_COLS(f32, float, cn_load8_f32, CN_CONV_F)
+CN_DEFINE_COLS(f16, uint16_t, cn_vld_f16, CN_CONV_H)
+CN_DEFINE_COLS(f32, float, cn_vld_f32, CN_CONV_F)
 
 static inline void cn_cols_centred_f64(const double *__restrict x, ptrdiff_t n,
         const double *__restrict c, double *__restrict h1, double *__restrict l1,
         double *__restrict h2, double *__restrict l2) {
-    const cn_v8d two = {2, 2, 2, 2, 2, 2, 2, 2};
+    const cn_vd two = cn_vsplat(2.0);
     ptrdiff_t j, nv = n - n % 8;
-    for (j = 0; j < nv; j += 8) {
-        cn_v8d xv = cn_load8_f64(x + j), cv = cn_ld8d(c + j);
-        cn_v8d H1 = cn_ld8d(h1 + j), L1 = cn_ld8d(l1 + j), H2 = cn_ld8d(h2 + j), L2 = cn_ld8d(l2 + j);
-        CN_DD_LANE_STEP(xv, H1, L1, H2, L2);
-        cn_st8d(h1 + j, H1); cn_st8d(l1 + j, L1); cn_st8d(h2 + j, H2); cn_st8d(l2 + j, L2);
-    }
+    for (j = 0; j < nv; j += 8)
+        for (int k = j; k < j + 8; k += CN_VW) {
+            cn_vd xv = cn_vld_f64(x + k), cv = cn_vld_f64(c + k);
+            cn_vd H1 = cn_vld_f64(h1 + k), L1 = cn_vld_f64(l1 + k);
+            cn_vd H2 = cn_vld_f64(h2 + k), L2 = cn_vld_f64(l2 + k);
+            CN_DD_LANE_STEP(xv, H1, L1, H2, L2);
+            cn_vst_f64(h1 + k, H1); cn_vst_f64(l1 + k, L1);
+            cn_vst_f64(h2 + k, H2); cn_vst_f64(l2 + k, L2);
+        }
     for (; j < n; j++) {
         double xs = x[j], d = xs - c[j], bb = d - xs;
         double de = (xs - (d - bb)) + (-c[j] - bb);
