@@ -294,6 +294,26 @@ cdef inline void centred_add(double x, double c, double* s1h, double* s1l,
     dd_add(s2h, s2l, q, cn_two_prod_err(d, d, q) + 2.0 * d * de)
 
 
+cdef extern from *:
+    void __builtin_prefetch(const void* p, int rw, int locality) nogil
+
+
+cdef inline void prefetch_span(const char* p, Py_ssize_t nbytes) noexcept nogil:
+    """Ask for the cache lines of the next short row of a block.
+
+    Rows that are not adjacent in memory (NCHW planes of one channel are
+    C*H*W elements apart) each start a new stream that the hardware
+    prefetcher only picks up after a few misses, and it stops at every 4 KiB
+    page: a block of 32x32 float32 planes ran at 3.4x the read floor.  Rows
+    longer than 16 KiB are left to the hardware prefetcher.  A prefetch never
+    faults, so the row after the last one needs no bounds check.
+    """
+    cdef Py_ssize_t off
+    if nbytes <= 16384:
+        for off in range(0, nbytes, 64):
+            __builtin_prefetch(p + off, 0, 3)
+
+
 cdef void block_moments(const src_t* base, Py_ssize_t nrows, Py_ssize_t rowlen,
                         Py_ssize_t rstride, Py_ssize_t estride, State* out) noexcept nogil:
     """State of the nrows x rowlen block at base (byte strides), in one pass.
@@ -310,8 +330,11 @@ cdef void block_moments(const src_t* base, Py_ssize_t nrows, Py_ssize_t rowlen,
     cdef Py_ssize_t r, i
     cdef const char* row
     cdef bint contiguous = estride == sizeof(src_t)
+    cdef bint hop = contiguous and rstride != rowlen * <Py_ssize_t>sizeof(src_t)
     for r in range(nrows):
         row = <const char*>base + r * rstride
+        if hop:
+            prefetch_span(row + rstride, rowlen * sizeof(src_t))
         if contiguous:
             row_centred(<const src_t*>row, rowlen, c, &s1h, &s1l, &s2h, &s2l)
         elif src_t is double:
@@ -362,42 +385,72 @@ cdef inline Py_ssize_t blocks_in_slice(Py_ssize_t nrows, Py_ssize_t rowlen) noex
     return (nrows + g - 1) // g
 
 
+cdef inline void slice_block(const src_t* base, Py_ssize_t nrows, Py_ssize_t rowlen,
+                             Py_ssize_t rstride, Py_ssize_t estride, Py_ssize_t b,
+                             State* blk) noexcept nogil:
+    """State of block b of a slice (nrows x rowlen, byte strides): whole rows
+    grouped up to BLOCK elements, or BLOCK-element pieces of long rows."""
+    cdef Py_ssize_t per_row, r, k, g
+    if rowlen >= BLOCK:
+        per_row = (rowlen + BLOCK - 1) // BLOCK
+        r = b // per_row
+        k = (b % per_row) * BLOCK
+        block_moments(<const src_t*>(<const char*>base + r * rstride + k * estride),
+                      1, min(BLOCK, rowlen - k), 0, estride, blk)
+    else:
+        g = BLOCK // rowlen
+        block_moments(<const src_t*>(<const char*>base + b * g * rstride),
+                      min(g, nrows - b * g), rowlen, rstride, estride, blk)
+
+
 cdef void slice_chunk(const src_t* base, Py_ssize_t nrows, Py_ssize_t rowlen,
                       Py_ssize_t rstride, Py_ssize_t estride,
                       Py_ssize_t b0, Py_ssize_t b1, State* out) noexcept nogil:
     """Merge blocks b0..b1-1 of a slice (nrows x rowlen, byte strides) into out."""
     cdef State blk
-    cdef Py_ssize_t b, r, k, per_row, g, nr
+    cdef Py_ssize_t b
     out.n = 0
     out.mh = out.ml = out.qh = out.ql = 0.0
-    if rowlen >= BLOCK:
-        per_row = (rowlen + BLOCK - 1) // BLOCK
-        for b in range(b0, b1):
-            r = b // per_row
-            k = (b % per_row) * BLOCK
-            block_moments(<const src_t*>(<const char*>base + r * rstride + k * estride),
-                          1, min(BLOCK, rowlen - k), 0, estride, &blk)
-            merge_t(out, &blk, base)
-    else:
-        g = BLOCK // rowlen
-        for b in range(b0, b1):
-            nr = min(g, nrows - b * g)
-            block_moments(<const src_t*>(<const char*>base + b * g * rstride),
-                          nr, rowlen, rstride, estride, &blk)
-            merge_t(out, &blk, base)
+    for b in range(b0, b1):
+        slice_block(base, nrows, rowlen, rstride, estride, b, &blk)
+        merge_t(out, &blk, base)
+
+
+cdef void blocks_across_slices(const src_t* x, Py_ssize_t R1, Py_ssize_t R0, Py_ssize_t* xs,
+                               Py_ssize_t k0, Py_ssize_t k1, Py_ssize_t b0, Py_ssize_t b1,
+                               State* part, Py_ssize_t kstep) noexcept nogil:
+    """Blocks b0..b1-1 of slices k0..k1-1 (slice k at x + k*xs[2]), block-major:
+    block b of slice k merges into part[k * kstep] (one work item of rows_kernel)."""
+    cdef State blk
+    cdef Py_ssize_t b, k
+    for b in range(b0, b1):
+        for k in range(k0, k1):
+            slice_block(<const src_t*>(<const char*>x + k * xs[2]), R1, R0, xs[1], xs[3], b, &blk)
+            merge_t(&part[k * kstep], &blk, x)
 
 
 cdef void rows_kernel(const src_t* x, Py_ssize_t* shape, Py_ssize_t* xs,
                       Py_ssize_t so, Py_ssize_t sk, State* states, int nthreads) noexcept nogil:
-    """Reduce x[o, r1, k, r0] over (r1, r0) into states[o*so + k*sk] (merging)."""
+    """Reduce x[o, r1, k, r0] over (r1, r0) into states[o*so + k*sk] (merging).
+
+    The partial state of (slice, chunk) is the left-to-right merge of the
+    chunk's blocks, whatever order the work is done in.  Slice-major order
+    reads each slice's rows in turn; when the kept axis k is nested inside
+    the reduced axis r1 in memory (NCHW batch statistics: channel planes of
+    one sample are adjacent, samples are C planes apart), the work goes
+    block-major instead -- block b of every slice k, then block b + 1 -- so the
+    reads sweep memory in order rather than hopping by C planes (3.4x the
+    read floor before, for 32x32 float32 planes).
+    """
     cdef Py_ssize_t O = shape[0], R1 = shape[1], K = shape[2], R0 = shape[3]
     cdef Py_ssize_t nslices = O * K
     cdef Py_ssize_t nblocks = blocks_in_slice(R1, R0)
     cdef Py_ssize_t nchunks = (nblocks + CHUNK_BLOCKS - 1) // CHUNK_BLOCKS
-    cdef Py_ssize_t ntasks = nslices * nchunks, t, sl, ch, o, k
+    cdef Py_ssize_t ntasks = nslices * nchunks, t, sl, ch, o, k, ngroups, g, k0, k1
     cdef State* part
     cdef State st
     cdef int nt = nthreads if nslices * R1 * R0 >= SERIAL_WORK else 1
+    cdef bint block_major = K > 1 and R1 > 1 and 0 < xs[2] < xs[1]
     if nslices == 0:
         return
     if nblocks == 0:
@@ -405,13 +458,29 @@ cdef void rows_kernel(const src_t* x, Py_ssize_t* shape, Py_ssize_t* xs,
     part = <State*>malloc(ntasks * sizeof(State))
     if part == NULL:
         return
-    for t in prange(ntasks, nogil=True, num_threads=nt, schedule='static'):
-        sl = t // nchunks
-        ch = t % nchunks
-        o = sl // K
-        k = sl % K
-        slice_chunk(<const src_t*>(<const char*>x + o * xs[0] + k * xs[2]), R1, R0, xs[1], xs[3],
-                    ch * CHUNK_BLOCKS, min(nblocks, (ch + 1) * CHUNK_BLOCKS), &part[t])
+    if block_major:
+        # work items (o, chunk, group of slices k); the groups only split the work
+        ngroups = min(K, <Py_ssize_t>nt)
+        for t in range(ntasks):
+            part[t].n = 0
+            part[t].mh = part[t].ml = part[t].qh = part[t].ql = 0.0
+        for t in prange(O * nchunks * ngroups, nogil=True, num_threads=nt, schedule='static'):
+            g = t % ngroups
+            ch = (t // ngroups) % nchunks
+            o = t // (ngroups * nchunks)
+            k0 = g * K // ngroups
+            k1 = (g + 1) * K // ngroups
+            blocks_across_slices(<const src_t*>(<const char*>x + o * xs[0]), R1, R0, xs, k0, k1,
+                                 ch * CHUNK_BLOCKS, min(nblocks, (ch + 1) * CHUNK_BLOCKS),
+                                 &part[o * K * nchunks + ch], nchunks)
+    else:
+        for t in prange(ntasks, nogil=True, num_threads=nt, schedule='static'):
+            sl = t // nchunks
+            ch = t % nchunks
+            o = sl // K
+            k = sl % K
+            slice_chunk(<const src_t*>(<const char*>x + o * xs[0] + k * xs[2]), R1, R0, xs[1],
+                        xs[3], ch * CHUNK_BLOCKS, min(nblocks, (ch + 1) * CHUNK_BLOCKS), &part[t])
     for sl in range(nslices):
         st = part[sl * nchunks]
         for ch in range(1, nchunks):
@@ -623,14 +692,22 @@ cdef void norm_rows_t(const src_t* x, src_t* y, Py_ssize_t R, Py_ssize_t L, Py_s
     cdef Py_ssize_t r
     cdef int nt = nthreads if R * L >= SERIAL_WORK and R > 1 else 1
     cdef bint stream = R * L * <Py_ssize_t>sizeof(src_t) >= stream_min_bytes
+    cdef int t
+    # each thread takes one contiguous range of rows and fences its streaming
+    # stores at the end (a fence per row would stall on every short row)
     if nt == 1:
         for r in range(R):
             norm_row(<const src_t*>(<const char*>x + r * xrs), <src_t*>(<char*>y + r * yrs), L, r,
                      eps, mode, w, b, psub, pmod, pmul, act, &mean[r], &var[r], stream)
-    else:
-        for r in prange(R, nogil=True, num_threads=nt, schedule='static'):
+        if stream:
+            cn_store_fence()
+        return
+    for t in prange(nt, nogil=True, num_threads=nt, schedule='static'):
+        for r in range(t * R // nt, (t + 1) * R // nt):
             norm_row(<const src_t*>(<const char*>x + r * xrs), <src_t*>(<char*>y + r * yrs), L, r,
                      eps, mode, w, b, psub, pmod, pmul, act, &mean[r], &var[r], stream)
+        if stream:
+            cn_store_fence()
 
 
 def norm_rows(cnp.ndarray x, cnp.ndarray y, Py_ssize_t R, Py_ssize_t L, Py_ssize_t xrs,
@@ -679,14 +756,20 @@ cdef void scale_rows_t(const src_t* x, src_t* y, Py_ssize_t R, Py_ssize_t L, Py_
     cdef Py_ssize_t r
     cdef int nt = nthreads if R * L >= SERIAL_WORK and R > 1 else 1
     cdef bint stream = R * L * <Py_ssize_t>sizeof(src_t) >= stream_min_bytes
+    cdef int t
     if nt == 1:
         for r in range(R):
             scale_row(<const src_t*>(<const char*>x + r * xrs), <src_t*>(<char*>y + r * yrs), L, r,
                       mh, ml, rs, smod, sper, w, b, psub, pmod, pmul, act, stream)
-    else:
-        for r in prange(R, nogil=True, num_threads=nt, schedule='static'):
+        if stream:
+            cn_store_fence()
+        return
+    for t in prange(nt, nogil=True, num_threads=nt, schedule='static'):
+        for r in range(t * R // nt, (t + 1) * R // nt):
             scale_row(<const src_t*>(<const char*>x + r * xrs), <src_t*>(<char*>y + r * yrs), L, r,
                       mh, ml, rs, smod, sper, w, b, psub, pmod, pmul, act, stream)
+        if stream:
+            cn_store_fence()
 
 
 cdef void scale_row(const src_t* x, src_t* y, Py_ssize_t L, Py_ssize_t r,
@@ -697,7 +780,7 @@ cdef void scale_row(const src_t* x, src_t* y, Py_ssize_t L, Py_ssize_t r,
     (index r % smod) or, when ``sper``, per element of the row (channels last).
 
     No activation or ReLU: the fused vector loop of _apply_simd.h (streaming
-    stores when ``stream``); other activations: load, scale, activate and
+    stores when ``stream``: the caller fences after its last row); other activations: load, scale, activate and
     store chunks of CHUNK elements through a float64 buffer."""
     cdef double buf[CHUNK]
     cdef Py_ssize_t i0, m, j, nsub, pbase = (r % pmod) * pmul, si = r % smod
@@ -713,8 +796,6 @@ cdef void scale_row(const src_t* x, src_t* y, Py_ssize_t L, Py_ssize_t r,
             for j in range(L // psub):
                 apply_row(x + j * psub, y + j * psub, psub, mh + si, ml + si, rs + si, False,
                           w + pbase + j, b + pbase + j, False, act == ACT_RELU, stream)
-        if stream:
-            cn_store_fence()
         return
     if psub == 1 or sper:
         for i0 in range(0, L, CHUNK):
