@@ -260,6 +260,12 @@ cdef extern from "_simd.h" nogil:
     void cn_cols_centred_f32(const float *x, Py_ssize_t n, const double *c, double *s1, double *s2)
     void cn_cols_centred_f64(const double *x, Py_ssize_t n, const double *c,
                              double *h1, double *l1, double *h2, double *l2)
+    void cn_cols_centred4_f16(const uint16_t *x, Py_ssize_t rs, Py_ssize_t n, const double *c,
+                              double *s1, double *s2)
+    void cn_cols_centred4_f32(const float *x, Py_ssize_t rs, Py_ssize_t n, const double *c,
+                              double *s1, double *s2)
+    void cn_cols_centred4_f64(const double *x, Py_ssize_t rs, Py_ssize_t n, const double *c,
+                              double *h1, double *l1, double *h2, double *l2)
 
 
 cdef inline double row_sum(const src_t* p, Py_ssize_t n) noexcept nogil:
@@ -513,7 +519,18 @@ cdef void cols_block(const src_t* base, Py_ssize_t nrows, Py_ssize_t ncols,
     # the shift is the block's first row (see block_moments)
     for j in range(ncols):
         c[j] = ld(<const src_t*>(<const char*>base + j * cstride))
-    for r in range(nrows):
+    r = 0
+    if contiguous:
+        while r + 4 <= nrows:
+            row = <const char*>base + r * rstride
+            if src_t is uint16_t:
+                cn_cols_centred4_f16(<const uint16_t*>row, rstride, ncols, c, s1h, s2h)
+            elif src_t is float:
+                cn_cols_centred4_f32(<const float*>row, rstride, ncols, c, s1h, s2h)
+            else:
+                cn_cols_centred4_f64(<const double*>row, rstride, ncols, c, s1h, s1l, s2h, s2l)
+            r += 4
+    for r in range(r, nrows):
         row = <const char*>base + r * rstride
         if contiguous:
             if src_t is uint16_t:
