@@ -2,10 +2,11 @@
 
 Small arrays with the default arguments skip the Python planning and go to
 the kernel through one C function.  It must give bitwise the results of the
-general path (forced here with ``num_threads=1``, which the fast path never
-takes), fall back to it for everything it does not handle, and keep every
-error of the general path.
+general path (forced here by a kernel module whose small-call entries decline
+every call), fall back to it for everything it does not handle, and keep
+every error of the general path.
 """
+import contextlib
 import numpy as np
 import pytest
 
@@ -20,6 +21,40 @@ SHAPES = [(1,), (7,), (4, 16), (32, 64), (3, 5, 33), (130, 1000), (1, 1)]
 def _same(a, b):
     assert a.dtype == b.dtype and a.shape == b.shape
     np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
+class _Declining:
+    """The selected kernel module with both small-call entries declining."""
+
+    def __init__(self, real):
+        self._real = real
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    @staticmethod
+    def norm_rows_small(*args):
+        return None
+
+    @staticmethod
+    def moments_small(*args):
+        return None
+
+
+@contextlib.contextmanager
+def general_path():
+    real = _config.kernels
+    _config.kernels = _Declining(real)
+    try:
+        yield
+    finally:
+        _config.kernels = real
+
+
+def G(fn, *args, **kw):
+    """fn(*args, **kw) through the general path."""
+    with general_path():
+        return fn(*args, **kw)
 
 
 def _data(shape, dtype, rng, offset=0.0):
@@ -52,7 +87,7 @@ def _spy(monkeypatch):
 def test_small_path_is_bitwise_the_general_path(isa, name, shape, dtype, rng, monkeypatch):
     fn = getattr(cnorm, name)
     x = _data(shape, dtype, rng, offset=1000.0 if dtype != np.float16 else 10.0)
-    general = fn(x, num_threads=1)
+    general = G(fn, x)
     handled = _spy(monkeypatch)
     fast = fn(x)
     assert handled == [True]
@@ -70,12 +105,12 @@ def test_small_path_with_float64_affine(isa, dtype, rng, monkeypatch):
     x = _data((9, 40), dtype, rng)
     w, b = rng.standard_normal(40), rng.standard_normal(40)
     for kw in ({"weight": w}, {"bias": b}, {"weight": w, "bias": b}):
-        general = cnorm.layer_norm(x, num_threads=1, **kw)
+        general = G(cnorm.layer_norm, x, **kw)
         handled = _spy(monkeypatch)
         _same(cnorm.layer_norm(x, **kw), general)
         assert handled == [True]
         monkeypatch.undo()
-    general = cnorm.rms_norm(x, weight=w, num_threads=1)
+    general = G(cnorm.rms_norm, x, weight=w)
     _same(cnorm.rms_norm(x, weight=w), general)
 
 
@@ -85,7 +120,7 @@ def test_special_values_stay_in_their_row_on_the_small_path(rng):
     y = cnorm.layer_norm(x)
     assert np.isnan(y[1]).all() and np.isnan(y[2]).all()
     assert (y[3] == 0).all() and np.isfinite(y[[0, 4]]).all()
-    _same(y, cnorm.layer_norm(x, num_threads=1))
+    _same(y, G(cnorm.layer_norm, x))
 
 
 @pytest.mark.parametrize("case", ["float32 weight", "strided x", "fortran x", "list x",
@@ -120,7 +155,7 @@ def test_ineligible_calls_take_the_general_path(case, rng, monkeypatch):
     ref_kw = dict(kw)
     if "out" in ref_kw:
         ref_kw["out"] = None
-    expected = cnorm.layer_norm(expected_input, num_threads=1, **ref_kw)
+    expected = G(cnorm.layer_norm, expected_input, **ref_kw)
     handled = _spy(monkeypatch)
     got = cnorm.layer_norm(call_x, **kw)
     assert True not in handled
@@ -183,10 +218,9 @@ def test_small_moments_are_bitwise_the_general_path(isa, shape, dtype, axis, rng
     ddofs = [0, 1, 0.5] if n > 1 else [0]
     general = {}
     for ddof in ddofs:
-        general[ddof] = (cnorm.moments(x, axis, ddof=ddof, num_threads=1),
-                         [getattr(cnorm, f)(x, axis, ddof=ddof, num_threads=1)
-                          for f in ("var", "std")])
-    general_mean = cnorm.mean(x, axis, num_threads=1)
+        general[ddof] = (G(cnorm.moments, x, axis, ddof=ddof),
+                         [G(getattr(cnorm, f), x, axis, ddof=ddof) for f in ("var", "std")])
+    general_mean = G(cnorm.mean, x, axis)
     handled = _spy_moments(monkeypatch)
     for ddof in ddofs:
         (gm, gv), (gvar, gstd) = general[ddof]
@@ -243,3 +277,15 @@ def test_small_moments_errors_are_those_of_the_general_path(bad, rng):
     x = _data((4, 16), np.float32, rng)
     with pytest.raises((TypeError, ValueError)):
         cnorm.var(x, **({"axis": -1} | bad))
+
+
+def test_explicit_thread_counts_take_the_small_path(rng, monkeypatch):
+    x = _data((32, 64), np.float32, rng)
+    ref = G(cnorm.layer_norm, x)
+    handled = _spy(monkeypatch)
+    for n in (1, 2, 4):
+        _same(cnorm.layer_norm(x, num_threads=n), ref)
+    assert handled == [True] * 3
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises((TypeError, ValueError)):
+            cnorm.layer_norm(x, num_threads=bad)

@@ -237,9 +237,11 @@ def _small_call(x, axis, out, eps, mode, weight, bias, activation, return_stats,
     A (32, 64) layer_norm costs a few microseconds of Python in the general path
     (axis planning, validation, allocation of the statistics); here every check is a
     cheap identity/type test and the kernel entry checks the arrays in C.  Only
-    arrays below the serial threshold come here, so threads never matter.
+    arrays below the serial threshold come here, so a (valid) thread count never
+    matters.
     """
-    if (activation is None and return_stats is False and num_threads is None
+    if (activation is None and return_stats is False
+            and (num_threads is None or (type(num_threads) is int and num_threads > 0))
             and type(axis) is int and axis == -1 and type(backend) is str
             and (backend == "auto" or backend == "cython") and _config.HAVE_EXTENSION
             and ((eps is None and mode == 1) or (type(eps) is float and eps >= 0.0))):
