@@ -458,3 +458,40 @@ def test_one_fastmath_policy():
         assert k.targetoptions["fastmath"] is _numba_policy.FASTMATH, k
         assert k.targetoptions["error_model"] == "numpy", k
         assert type(k._cache).__name__ == "FunctionCache", k
+
+
+# ------------------------------------------------------------------ fused rows (_numba_rows)
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("case", ["layer", "layer affine relu", "rms weight", "group", "instance",
+                                  "strided rows", "in place", "threads"])
+def test_fused_rows_match_cython_bitwise(dtype, case, rng):
+    """The Numba fused rows kernel (statistics + output per row) gives bitwise the
+    Cython kernel's output and statistics (float16 included: both round via float32)."""
+    x = (rng.standard_normal((48, 6, 700)) * 2 + 300).astype(dtype)
+    x[3, 2, 5] = np.nan
+    x[4, 1] = 7
+    w, b = rng.standard_normal(700), rng.standard_normal(700)
+
+    def run(backend):
+        xin = x.copy() if case == "in place" else x
+        kw = dict(backend=backend)
+        if case == "layer":
+            return cnorm.layer_norm(xin, return_stats=True, **kw)
+        if case == "layer affine relu":
+            return cnorm.layer_norm(xin, -1, w, b, activation="relu", return_stats=True, **kw)
+        if case == "rms weight":
+            return cnorm.rms_norm(xin, -1, w, return_stats=True, **kw)
+        if case == "group":
+            return cnorm.group_norm(xin, 3, w[:6], b[:6], return_stats=True, **kw)
+        if case == "instance":
+            return cnorm.instance_norm(xin, return_stats=True, **kw)
+        if case == "strided rows":
+            return cnorm.layer_norm(xin[::2, ::-1], axis=(-1,), return_stats=True, **kw)
+        if case == "in place":
+            return (cnorm.layer_norm(xin, out=xin, **kw),)
+        return cnorm.layer_norm(xin, num_threads=2, return_stats=True, **kw)
+
+    for got, ref in zip(run("numba"), run("cython")):
+        assert got.dtype == ref.dtype and got.shape == ref.shape
+        np.testing.assert_array_equal(np.atleast_1d(got).view(np.uint8),
+                                      np.atleast_1d(ref).view(np.uint8))

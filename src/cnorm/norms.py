@@ -154,8 +154,9 @@ def _rows_layout(a, nlead):
 
 def _rows_pair(xa, y, nlead, backend):
     """(R, L, x row stride, y row stride) when x and y are the same rows in memory
-    (or y is x itself) and the Cython kernels run, else None."""
-    if backend != "cython" or xa.dtype != y.dtype:
+    (or y is x itself) and a compiled backend (Cython, or Numba's fused rows
+    kernel in _numba_rows) runs, else None."""
+    if backend not in ("cython", "numba") or xa.dtype != y.dtype:
         return None
     lx, ly = _rows_layout(xa, nlead), _rows_layout(y, nlead)
     if lx is None or ly is None or lx[:2] != ly[:2]:
@@ -184,15 +185,19 @@ def _fused_rows(xa, y, nlead, eps, mode, w, b, psub, pmod, pmul, act, backend, n
     else:
         w1, b1 = _param_pair(w, b, max(np.size(w) if w is not None else 0,
                                        np.size(b) if b is not None else 0))
-    _config.kernels.norm_rows(xa, y, R, L, xrs, yrs, eps, mode, w1, b1, psub, pmod, pmul,
-                              act, mean, var, nthreads)
+    if backend == "numba":
+        from . import _numba_rows as mod
+    else:
+        mod = _config.kernels
+    mod.norm_rows(xa, y, R, L, xrs, yrs, eps, mode, w1, b1, psub, pmod, pmul, act, mean, var,
+                  nthreads)
     return mean, var
 
 
 def _scale_rows(xa, y, nlead, mh, ml, rs, smod, sper, w, b, act, backend, nthreads):
     """The apply pass as contiguous rows with per-channel statistics (batch norm);
     returns False when the layout or backend does not allow it."""
-    rows = _rows_pair(xa, y, nlead, backend)
+    rows = _rows_pair(xa, y, nlead, backend) if backend == "cython" else None
     if rows is None:
         return False
     R, L, xrs, yrs = rows

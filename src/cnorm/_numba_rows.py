@@ -1,0 +1,147 @@
+"""The fused rows kernel of ``_kernels.norm_rows`` as Numba code: backend="numba".
+
+Layer/RMS/group/instance norm over rows that are contiguous in memory: the
+statistics of a row (the moments blocks and Chan merges of
+:mod:`cnorm._numba`, the same algorithm as the Cython kernels) and then,
+while the row is still in cache, the output pass.  One read of x and one
+write of y instead of a statistics pass plus an apply pass.  Same contract
+and same arithmetic as the Cython ``norm_rows`` (see its docstring):
+
+``y = act((((x - mean_hi) - mean_lo) * rstd) * w + b)``, ``rstd = 1/sqrt(var + eps)``,
+rounded once to the output dtype (float16 through float32, like F16C).
+"""
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+from ._numba import _blocks_in_slice, _dd_div_d, _ld, _max_threads, _numba_threads, _slice_chunk
+from ._numba_apply import _activate, _f32_bits_to_half
+from ._numba_policy import jit
+
+SERIAL_WORK = 131072   # as in _kernels.pyx: below this many elements, one thread
+
+
+@jit
+def _row_stats(xr, L, eps, mode):
+    """(mean_hi, mean_lo, stored mean, variance or mean square, rstd) of one row."""
+    zero = np.int64(0)
+    one = np.int64(1)
+    st = _slice_chunk(xr, zero, one, L, zero, one, zero, _blocks_in_slice(one, L))
+    n, mh, ml, qh, ql = st
+    if mode == 0:
+        if qh != qh:
+            var = np.nan
+        else:
+            var = _dd_div_d(qh, ql, n)[0]
+            var = var if var > 0.0 else 0.0
+        mean = mh + ml if math.isfinite(mh) else mh
+        if not math.isfinite(mh):
+            var = np.nan
+    else:
+        var = _dd_div_d(qh, ql, n)[0] + (mh * mh + 2.0 * mh * ml)
+        if qh != qh or not math.isfinite(mh):
+            var = np.nan
+        mh = 0.0
+        ml = 0.0
+        mean = 0.0
+    return mh, ml, mean, var, 1.0 / math.sqrt(var + eps)
+
+
+@jit
+def _scale_span(xr, out, i0, i1, mh, ml, rs, w, b, wi, act):
+    """out[i] = act((((x[i] - mh) - ml) * rs) * w[.] + b[.]) for i in [i0, i1): the
+    parameters per element from index wi + i - i0 (``wi >= 0``) or w[-wi-1] for all.
+    Unsigned indices: no wraparound test in the loop, which then vectorizes."""
+    u0 = np.uint64(i0)
+    n = np.uint64(i1 - i0)
+    if wi < 0:
+        w0 = w[-wi - 1]
+        b0 = b[-wi - 1]
+        if act == 0:
+            for k in range(n):
+                i = u0 + k
+                out[i] = (((_ld(xr, i) - mh) - ml) * rs) * w0 + b0
+        else:
+            for k in range(n):
+                i = u0 + k
+                out[i] = _activate((((_ld(xr, i) - mh) - ml) * rs) * w0 + b0, act)
+    else:
+        uw = np.uint64(wi)
+        if act == 0:
+            for k in range(n):
+                i = u0 + k
+                out[i] = (((_ld(xr, i) - mh) - ml) * rs) * w[uw + k] + b[uw + k]
+        else:
+            for k in range(n):
+                i = u0 + k
+                out[i] = _activate((((_ld(xr, i) - mh) - ml) * rs) * w[uw + k] + b[uw + k],
+                                   act)
+
+
+@jit
+def _row(xr, out, r, eps, mode, w, b, psub, pmod, pmul, act, mean, var):
+    """Row r: statistics into mean[r], var[r], normalized values (float64
+    arithmetic) into out."""
+    L = xr.shape[0]
+    mh, ml, mean[r], var[r], rs = _row_stats(xr, L, eps, mode)
+    pbase = (r % pmod) * pmul
+    if psub == 1:
+        _scale_span(xr, out, 0, L, mh, ml, rs, w, b, pbase, act)
+    else:
+        for j in range(L // psub):
+            _scale_span(xr, out, j * psub, (j + 1) * psub, mh, ml, rs, w, b, -(pbase + j) - 1,
+                        act)
+
+
+@jit
+def _row_any(xr, yr, fbuf, r, eps, mode, w, b, psub, pmod, pmul, act, mean, var, half):
+    """_row into y; float16 (bits) through a float32 row, rounded like F16C."""
+    if half:
+        _row(xr, fbuf, r, eps, mode, w, b, psub, pmod, pmul, act, mean, var)
+        ubuf = fbuf.view(np.uint32)
+        for i in range(xr.shape[0]):
+            yr[i] = _f32_bits_to_half(ubuf[i], fbuf[i])
+    else:
+        _row(xr, yr, r, eps, mode, w, b, psub, pmod, pmul, act, mean, var)
+
+
+@jit
+def _rows_serial(x, y, eps, mode, w, b, psub, pmod, pmul, act, mean, var, half):
+    fbuf = np.empty(x.shape[1], np.float32)
+    for r in range(x.shape[0]):
+        _row_any(x[r], y[r], fbuf, r, eps, mode, w, b, psub, pmod, pmul, act, mean, var, half)
+
+
+@jit(parallel=True)
+def _rows_parallel(x, y, eps, mode, w, b, psub, pmod, pmul, act, mean, var, half):
+    for r in numba.prange(x.shape[0]):
+        fbuf = np.empty(x.shape[1], np.float32)
+        _row_any(x[r], y[r], fbuf, r, eps, mode, w, b, psub, pmod, pmul, act, mean, var, half)
+
+
+def norm_rows(x, y, R, L, xrs, yrs, eps, mode, w, b, psub, pmod, pmul, act, mean, var, nthreads):
+    """Same contract as ``cnorm._kernels.norm_rows`` (R rows of L contiguous
+    elements at byte row strides xrs / yrs; y may be x)."""
+    if x.dtype != y.dtype:
+        raise TypeError("norm_rows: x and y must have the same dtype")
+    if R == 0 or L == 0:
+        return
+    item = x.itemsize
+    view = np.lib.stride_tricks.as_strided
+    xv = view(x, shape=(R, L), strides=(xrs, item), writeable=False)
+    yv = view(y, shape=(R, L), strides=(yrs, item))
+    half = x.dtype == np.float16
+    if half:   # float16 travels as its bits (uint16), as in the other Numba kernels
+        xv, yv = xv.view(np.uint16), yv.view(np.uint16)
+    args = (xv, yv, float(eps), int(mode), np.ascontiguousarray(w, dtype=np.float64),
+            np.ascontiguousarray(b, dtype=np.float64), int(psub), int(pmod), int(pmul), int(act),
+            mean, var, half)
+    nt = max(1, min(int(nthreads), _max_threads())) if R * L >= SERIAL_WORK and R > 1 else 1
+    if nt == 1:
+        _rows_serial(*args)
+    else:
+        with _numba_threads(nt):
+            _rows_parallel(*args)
