@@ -633,6 +633,44 @@ def _blocks_in_slice(nrows, rowlen):
 
 
 @jit
+def _slice_block(buf, p, nrows, rowlen, rs, es, b):
+    """State of block b of the nrows x rowlen slice at p (as _slice_chunk cuts it)."""
+    if rowlen >= BLOCK:
+        per_row = (rowlen + BLOCK - 1) // BLOCK
+        r = b // per_row
+        k = (b % per_row) * BLOCK
+        return _block_moments(buf, p + r * rs + k * es, np.int64(1), min(BLOCK, rowlen - k),
+                              np.int64(0), es)
+    g = BLOCK // rowlen
+    return _block_moments(buf, p + b * g * rs, min(g, nrows - b * g), rowlen, rs, es)
+
+
+@jit
+def _block_major_item(t, ngroups, buf, base, shape, xs, nblocks, nchunks, part):
+    """Work item t = (o, chunk, group of slices k) of the block-major order (see
+    rows_kernel in _kernels.pyx): block b of every slice of the group, then
+    block b + 1, each merged into part[(o*K + k)*nchunks + chunk] (zeros first)."""
+    K = shape[2]
+    g = t % ngroups
+    ch = (t // ngroups) % nchunks
+    o = t // (ngroups * nchunks)
+    k0 = g * K // ngroups
+    k1 = (g + 1) * K // ngroups
+    for b in range(ch * CHUNK_BLOCKS, min(nblocks, (ch + 1) * CHUNK_BLOCKS)):
+        for k in range(k0, k1):
+            blk = _slice_block(buf, base + o * xs[0] + k * xs[2], shape[1], shape[3], xs[1],
+                               xs[3], b)
+            row = part[(o * K + k) * nchunks + ch]
+            _put(row, _merge_t(_get(row), blk, buf))
+
+
+@jit
+def _block_major(shape, xs):
+    """Whether the kept axis k is nested inside the reduced axis r1 in memory."""
+    return shape[2] > 1 and shape[1] > 1 and 0 < xs[2] < xs[1]
+
+
+@jit
 def _slice_chunk(buf, p, nrows, rowlen, rs, es, b0, b1):
     """State of blocks b0..b1-1 (merged left to right) of the nrows x rowlen slice at p."""
     out = (0.0, 0.0, 0.0, 0.0, 0.0)
@@ -687,9 +725,15 @@ def _rows_serial(buf, base, shape, xs, so, sk, states, soff):
     ntasks = shape[0] * shape[2] * nchunks
     if ntasks == 0:
         return
-    part = np.empty((ntasks, 5))
-    for t in range(ntasks):
-        _rows_task(np.int64(t), buf, base, shape, xs, nblocks, nchunks, part)
+    if _block_major(shape, xs):
+        part = np.zeros((ntasks, 5))
+        for t in range(shape[0] * nchunks):
+            _block_major_item(np.int64(t), np.int64(1), buf, base, shape, xs, nblocks, nchunks,
+                              part)
+    else:
+        part = np.empty((ntasks, 5))
+        for t in range(ntasks):
+            _rows_task(np.int64(t), buf, base, shape, xs, nblocks, nchunks, part)
     _rows_merge(part, shape, nchunks, so, sk, states, soff)
 
 
@@ -701,9 +745,16 @@ def _rows_parallel(buf, base, shape, xs, so, sk, states, soff):
     ntasks = shape[0] * shape[2] * nchunks
     if ntasks == 0:
         return
-    part = np.empty((ntasks, 5))
-    for t in prange(ntasks):
-        _rows_task(np.int64(t), buf, base, shape, xs, nblocks, nchunks, part)
+    if _block_major(shape, xs):
+        part = np.zeros((ntasks, 5))
+        ngroups = min(shape[2], 4)   # only splits the work: results do not depend on it
+        for t in prange(shape[0] * nchunks * ngroups):
+            _block_major_item(np.int64(t), np.int64(ngroups), buf, base, shape, xs, nblocks,
+                              nchunks, part)
+    else:
+        part = np.empty((ntasks, 5))
+        for t in prange(ntasks):
+            _rows_task(np.int64(t), buf, base, shape, xs, nblocks, nchunks, part)
     _rows_merge(part, shape, nchunks, so, sk, states, soff)
 
 

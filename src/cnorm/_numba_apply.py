@@ -66,19 +66,32 @@ def _scale(v, mh, ml, rs, w, b, act):
 
 @jit
 def _row(xr, yr, mr, lr, rr, wr, br, act):
-    """One inner row; a statistic or parameter with stride 0 is read once."""
-    n = xr.shape[0]
+    """One inner row; a statistic or parameter with stride 0 is read once.
+    Unsigned indices: no wraparound test, so the no-activation loops vectorize."""
+    n = np.uint64(xr.shape[0])
     if mr.strides[0] == 0 and wr.strides[0] == 0:
         m0, l0, r0, w0, b0 = mr[0], lr[0], rr[0], wr[0], br[0]
-        for i in range(n):
-            yr[i] = _scale(np.float64(xr[i]), m0, l0, r0, w0, b0, act)
+        if act == 0:
+            for i in range(n):
+                yr[i] = (((np.float64(xr[i]) - m0) - l0) * r0) * w0 + b0
+        else:
+            for i in range(n):
+                yr[i] = _scale(np.float64(xr[i]), m0, l0, r0, w0, b0, act)
     elif mr.strides[0] == 0:
         m0, l0, r0 = mr[0], lr[0], rr[0]
-        for i in range(n):
-            yr[i] = _scale(np.float64(xr[i]), m0, l0, r0, wr[i], br[i], act)
+        if act == 0:
+            for i in range(n):
+                yr[i] = (((np.float64(xr[i]) - m0) - l0) * r0) * wr[i] + br[i]
+        else:
+            for i in range(n):
+                yr[i] = _scale(np.float64(xr[i]), m0, l0, r0, wr[i], br[i], act)
     else:
-        for i in range(n):
-            yr[i] = _scale(np.float64(xr[i]), mr[i], lr[i], rr[i], wr[i], br[i], act)
+        if act == 0:
+            for i in range(n):
+                yr[i] = (((np.float64(xr[i]) - mr[i]) - lr[i]) * rr[i]) * wr[i] + br[i]
+        else:
+            for i in range(n):
+                yr[i] = _scale(np.float64(xr[i]), mr[i], lr[i], rr[i], wr[i], br[i], act)
 
 
 @jit(parallel=True)
