@@ -289,3 +289,40 @@ def test_explicit_thread_counts_take_the_small_path(rng, monkeypatch):
     for bad in (0, -1, 1.5, True):
         with pytest.raises((TypeError, ValueError)):
             cnorm.layer_norm(x, num_threads=bad)
+
+
+# ------------------------------------------------------------------ backward
+@pytest.mark.parametrize("shape", [(1,), (4, 16), (32, 64), (3, 5, 33), (100, 1000)], ids=str)
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64], ids=lambda d: d.__name__)
+@pytest.mark.parametrize("params", ["none", "weight", "bias", "both"])
+@pytest.mark.parametrize("name", ["layer_norm", "rms_norm"])
+def test_small_backward_is_bitwise_the_general_path(isa, name, shape, dtype, params, rng):
+    """The small-call backward (out=None) against the general path (taken with out=)."""
+    if name == "rms_norm" and params in ("bias", "both"):
+        pytest.skip("rms_norm has no bias")
+    x = _data(shape, dtype, rng, offset=30.0)
+    dy = _data(shape, dtype, rng)
+    L = shape[-1]
+    w = rng.standard_normal(L) if params in ("weight", "both") else None
+    b = rng.standard_normal(L) if params in ("bias", "both") else None
+    if name == "layer_norm":
+        _, mean, rstd = cnorm.layer_norm(x, -1, w, b, return_stats=True)
+        call = (lambda **kw: cnorm.layer_norm_backward(dy, x, mean, rstd, w, b, **kw))
+    else:
+        _, rstd = cnorm.rms_norm(x, -1, w, return_stats=True)
+        call = (lambda **kw: cnorm.rms_norm_backward(dy, x, rstd, w, **kw))
+    from cnorm import backward as B
+    direct = B._small_rows_backward(dy, x, mean if name == "layer_norm" else None, rstd, w, b,
+                                    -1, None, None, "auto", None,
+                                    B.MODE_CENTER if name == "layer_norm" else B.MODE_RMS)
+    assert direct is not None   # the call is one the small path takes
+    fast = call()
+    out = np.empty_like(x)
+    general = call(out=out)
+    assert general[0] is out
+    assert len(fast) == len(general)
+    for f, g in zip(fast, general):
+        if g is None:
+            assert f is None
+        else:
+            _same_result(f, g)

@@ -525,6 +525,68 @@ def _affine(w, b, positions, ndim):
     return tuple(None if p is None else _expand(p, positions, ndim) for p in (w, b))
 
 
+# ------------------------------------------------------------------ small-call fast path
+_SMALL = 131072   # as the forward's small-call entry: below this many elements
+_NATIVE_F = (np.dtype(np.float16), np.dtype(np.float32), _F64)
+
+
+def _small_stat(a, R, keep, kept):
+    return (type(a) is np.ndarray and a.dtype == _F64 and a.size == R and a.flags.c_contiguous
+            and (a.shape == keep or a.shape == kept))
+
+
+def _small_param(p, L):
+    return p is None or (type(p) is np.ndarray and p.dtype == _F64 and p.shape == (L,)
+                         and p.flags.c_contiguous)
+
+
+def _small_rows_backward(dy, x, mean, rstd, weight, bias, axis, activation, out, backend,
+                         num_threads, mode):
+    """The common small call of layer_norm_backward / rms_norm_backward (C-contiguous
+    x and dy of one float dtype, last axis, float64 statistics and parameters, no
+    activation, no ``out``) straight to the rows kernel with the plan the general
+    path makes for it, skipping the planning; None when it does not apply.  Same
+    kernel, same arguments, so bitwise the same results (tested)."""
+    if not (activation is None and out is None and type(axis) is int and axis == -1
+            and type(backend) is str and (backend == "auto" or backend == "cython")
+            and (num_threads is None or (type(num_threads) is int and num_threads > 0))
+            and _config.HAVE_EXTENSION and type(x) is np.ndarray and type(dy) is np.ndarray):
+        return None
+    dt = x.dtype
+    if (dt not in _NATIVE_F or dy.dtype != dt or x.shape != dy.shape or x.ndim < 1
+            or not (0 < x.size < _SMALL) or not x.flags.c_contiguous
+            or not dy.flags.c_contiguous or not x.flags.aligned or not dy.flags.aligned):
+        return None
+    L = x.shape[-1]
+    R = x.size // L
+    keep, kept = x.shape[:-1] + (1,), x.shape[:-1]
+    if not (_small_stat(rstd, R, keep, kept) and (mode == MODE_RMS or _small_stat(mean, R, keep, kept))
+            and _small_param(weight, L) and _small_param(bias, L)):
+        return None
+    want = weight is not None or bias is not None
+    if want:
+        wv = np.ones(L) if weight is None else weight
+        bv = np.zeros(L) if bias is None else bias
+    else:
+        wv, bv = np.ones(1), np.zeros(1)
+    P = wv.size
+    Pp = P + 8 if (8 * P) % 4096 < 64 else P
+    ntasks = max(1, min(R, 64, R * L // (16 * P)))
+    pacc = np.zeros((ntasks, 2, Pp)) if want else None
+    dx = np.empty_like(x)
+    item = x.itemsize
+    xs = (0, L * item, 0, item)
+    m = np.zeros(R) if mode == MODE_RMS else mean.reshape(-1)
+    _config.family("_backward").rows_backward(
+        x, 0, dy, 0, dx, 0, (1, R, 1, L), xs, xs, xs, m, rstd.reshape(-1), 0, (0, 1), wv, bv, 0,
+        (0, 0, 0, 1 if want else 0), pacc, mode, dt == _F64 and mode != MODE_RMS, 0, 1)
+    if not want:
+        return dx, None, None
+    total = pacc.sum(axis=0)
+    return (dx, None if weight is None else total[0, :L].copy(),
+            None if bias is None else total[1, :L].copy())
+
+
 # ------------------------------------------------------------------ public API
 def layer_norm_backward(dy, x, mean, rstd, weight=None, bias=None, *, axis=-1, activation=None,
                         out=None, backend="auto", num_threads=None):
@@ -575,6 +637,10 @@ def layer_norm_backward(dy, x, mean, rstd, weight=None, bias=None, *, axis=-1, a
     >>> dw is None and db is None
     True
     """
+    small = _small_rows_backward(dy, x, mean, rstd, weight, bias, axis, activation, out, backend,
+                                 num_threads, MODE_CENTER)
+    if small is not None:
+        return small
     fn = "layer_norm_backward"
     xa, rdt, dya, act, backend = _inputs(dy, x, fn, backend, num_threads, activation)
     axes = normalize_axes(axis, xa.ndim)
@@ -610,6 +676,10 @@ def rms_norm_backward(dy, x, rstd, weight=None, *, axis=-1, activation=None, out
     >>> np.round(dx, 6)
     array([[ 0.181019, -0.135765]])
     """
+    small = _small_rows_backward(dy, x, None, rstd, weight, None, axis, activation, out, backend,
+                                 num_threads, MODE_RMS)
+    if small is not None:
+        return small[:2]
     fn = "rms_norm_backward"
     xa, rdt, dya, act, backend = _inputs(dy, x, fn, backend, num_threads, activation)
     axes = normalize_axes(axis, xa.ndim)
