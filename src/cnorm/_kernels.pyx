@@ -629,6 +629,15 @@ cdef extern from "_apply_simd.h" nogil:
     void cn_apply_row_f64(const void *x, void *y, Py_ssize_t n, const double *mh, const double *ml,
                           const double *rs, int svec, const double *w, const double *b, int pvec,
                           int relu, int stream)
+    void cn_apply_rows_percol_f16(const void *x, void *y, Py_ssize_t R, Py_ssize_t L,
+                                  const double *mh, const double *ml, const double *rs,
+                                  const double *w, const double *b, int relu, int stream)
+    void cn_apply_rows_percol_f32(const void *x, void *y, Py_ssize_t R, Py_ssize_t L,
+                                  const double *mh, const double *ml, const double *rs,
+                                  const double *w, const double *b, int relu, int stream)
+    void cn_apply_rows_percol_f64(const void *x, void *y, Py_ssize_t R, Py_ssize_t L,
+                                  const double *mh, const double *ml, const double *rs,
+                                  const double *w, const double *b, int relu, int stream)
     void cn_store_fence()
 
 # Outputs of at least this many bytes are written with non-temporal (streaming)
@@ -656,6 +665,19 @@ cdef inline void apply_row(const src_t* x, src_t* y, Py_ssize_t n, const double*
         cn_apply_row_f32(x, y, n, mh, ml, rs, svec, w, b, pvec, relu, stream)
     else:
         cn_apply_row_f64(x, y, n, mh, ml, rs, svec, w, b, pvec, relu, stream)
+
+
+cdef inline void apply_rows_percol(const src_t* x, src_t* y, Py_ssize_t R, Py_ssize_t L,
+                                   const double* mh, const double* ml, const double* rs,
+                                   const double* w, const double* b, bint relu,
+                                   bint stream) noexcept nogil:
+    """Channels-last rows back to back, one vector loop over all of them (_apply_simd.h)."""
+    if src_t is uint16_t:
+        cn_apply_rows_percol_f16(x, y, R, L, mh, ml, rs, w, b, relu, stream)
+    elif src_t is float:
+        cn_apply_rows_percol_f32(x, y, R, L, mh, ml, rs, w, b, relu, stream)
+    else:
+        cn_apply_rows_percol_f64(x, y, R, L, mh, ml, rs, w, b, relu, stream)
 
 
 DEF MODE_LAYER = 0   # centre by the mean, scale by 1/sqrt(var + eps)
@@ -774,6 +796,25 @@ cdef void scale_rows_t(const src_t* x, src_t* y, Py_ssize_t R, Py_ssize_t L, Py_
     cdef int nt = nthreads if R * L >= SERIAL_WORK and R > 1 else 1
     cdef bint stream = R * L * <Py_ssize_t>sizeof(src_t) >= stream_min_bytes
     cdef int t
+    cdef Py_ssize_t r0, r1
+    cdef Py_ssize_t rowbytes = L * <Py_ssize_t>sizeof(src_t)
+    if (sper and psub == 1 and pmul == 0 and xrs == rowbytes and yrs == rowbytes
+            and (act == ACT_NONE or act == ACT_RELU)):
+        # channels last, rows back to back: one loop over all rows of a thread
+        if nt == 1:
+            apply_rows_percol(x, y, R, L, mh, ml, rs, w, b, act == ACT_RELU, stream)
+            if stream:
+                cn_store_fence()
+            return
+        for t in prange(nt, nogil=True, num_threads=nt, schedule='static'):
+            r0 = t * R // nt
+            r1 = (t + 1) * R // nt
+            apply_rows_percol(<const src_t*>(<const char*>x + r0 * rowbytes),
+                              <src_t*>(<char*>y + r0 * rowbytes), r1 - r0, L, mh, ml, rs, w, b,
+                              act == ACT_RELU, stream)
+            if stream:
+                cn_store_fence()
+        return
     if nt == 1:
         for r in range(R):
             scale_row(<const src_t*>(<const char*>x + r * xrs), <src_t*>(<char*>y + r * yrs), L, r,
