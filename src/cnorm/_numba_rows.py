@@ -122,6 +122,14 @@ def _rows_parallel(x, y, eps, mode, w, b, psub, pmod, pmul, act, mean, var, half
         _row_any(x[r], y[r], fbuf, r, eps, mode, w, b, psub, pmod, pmul, act, mean, var, half)
 
 
+def _rows_view(a, R, L, rs, writeable):
+    """a as an (R, L) array of rows at byte stride rs (a reshape when a is C-contiguous)."""
+    if a.flags.c_contiguous and rs == L * a.itemsize and a.size == R * L:
+        return a.reshape(R, L)
+    return np.lib.stride_tricks.as_strided(a, shape=(R, L), strides=(rs, a.itemsize),
+                                           writeable=writeable)
+
+
 def norm_rows(x, y, R, L, xrs, yrs, eps, mode, w, b, psub, pmod, pmul, act, mean, var, nthreads):
     """Same contract as ``cnorm._kernels.norm_rows`` (R rows of L contiguous
     elements at byte row strides xrs / yrs; y may be x)."""
@@ -130,9 +138,7 @@ def norm_rows(x, y, R, L, xrs, yrs, eps, mode, w, b, psub, pmod, pmul, act, mean
     if R == 0 or L == 0:
         return
     item = x.itemsize
-    view = np.lib.stride_tricks.as_strided
-    xv = view(x, shape=(R, L), strides=(xrs, item), writeable=False)
-    yv = view(y, shape=(R, L), strides=(yrs, item))
+    xv, yv = _rows_view(x, R, L, xrs, False), _rows_view(y, R, L, yrs, True)
     half = x.dtype == np.float16
     if half:   # float16 travels as its bits (uint16), as in the other Numba kernels
         xv, yv = xv.view(np.uint16), yv.view(np.uint16)
