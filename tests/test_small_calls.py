@@ -302,8 +302,9 @@ def test_small_backward_is_bitwise_the_general_path(isa, name, shape, dtype, par
     x = _data(shape, dtype, rng, offset=30.0)
     dy = _data(shape, dtype, rng)
     L = shape[-1]
-    w = rng.standard_normal(L) if params in ("weight", "both") else None
-    b = rng.standard_normal(L) if params in ("bias", "both") else None
+    pdt = np.float32 if dtype == np.float32 else np.float64   # parameters of x's dtype too
+    w = rng.standard_normal(L).astype(pdt) if params in ("weight", "both") else None
+    b = rng.standard_normal(L).astype(pdt) if params in ("bias", "both") else None
     if name == "layer_norm":
         _, mean, rstd = cnorm.layer_norm(x, -1, w, b, return_stats=True)
         call = (lambda **kw: cnorm.layer_norm_backward(dy, x, mean, rstd, w, b, **kw))

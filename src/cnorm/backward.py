@@ -536,15 +536,20 @@ def _small_stat(a, R, keep, kept):
 
 
 def _small_param(p, L):
-    return p is None or (type(p) is np.ndarray and p.dtype == _F64 and p.shape == (L,)
-                         and p.flags.c_contiguous)
+    return p is None or (type(p) is np.ndarray and p.dtype in _NATIVE_F and p.shape == (L,))
+
+
+def _small_grad(g, p):
+    """A parameter gradient in the parameter's dtype (as _grad), None without it."""
+    return None if p is None else (g if p.dtype == _F64 else g.astype(p.dtype))
 
 
 def _small_rows_backward(dy, x, mean, rstd, weight, bias, axis, activation, out, backend,
                          num_threads, mode):
     """The common small call of layer_norm_backward / rms_norm_backward (C-contiguous
     x and dy of one float dtype, last axis, float64 statistics and parameters, no
-    activation, no ``out``) straight to the rows kernel with the plan the general
+    activation, no ``out``; float parameters of the last axis' length) straight to
+    the rows kernel with the plan the general
     path makes for it, skipping the planning; None when it does not apply.  Same
     kernel, same arguments, so bitwise the same results (tested)."""
     if not (activation is None and out is None and type(axis) is int and axis == -1
@@ -565,8 +570,8 @@ def _small_rows_backward(dy, x, mean, rstd, weight, bias, axis, activation, out,
         return None
     want = weight is not None or bias is not None
     if want:
-        wv = np.ones(L) if weight is None else weight
-        bv = np.zeros(L) if bias is None else bias
+        wv = np.ones(L) if weight is None else np.ascontiguousarray(weight, dtype=_F64)
+        bv = np.zeros(L) if bias is None else np.ascontiguousarray(bias, dtype=_F64)
     else:
         wv, bv = np.ones(1), np.zeros(1)
     P = wv.size
@@ -583,8 +588,7 @@ def _small_rows_backward(dy, x, mean, rstd, weight, bias, axis, activation, out,
     if not want:
         return dx, None, None
     total = pacc.sum(axis=0)
-    return (dx, None if weight is None else total[0, :L].copy(),
-            None if bias is None else total[1, :L].copy())
+    return dx, _small_grad(total[0, :L].copy(), weight), _small_grad(total[1, :L].copy(), bias)
 
 
 # ------------------------------------------------------------------ public API
