@@ -42,3 +42,38 @@ def norm_rows(
     var: npt.NDArray[np.float64],        # double[::1], out
     nthreads: int,
 ) -> None: ...
+def scale_rows(
+    x: np.ndarray, y: np.ndarray,        # same float dtype, rows of contiguous elements
+    R: int, L: int,                      # Py_ssize_t: rows, row length
+    xrs: int, yrs: int,                  # Py_ssize_t: row strides in bytes
+    mh: npt.NDArray[np.float64],         # const double[::1]: mean (high part)
+    ml: npt.NDArray[np.float64],         # const double[::1]: mean (low part)
+    rs: npt.NDArray[np.float64],         # const double[::1]: 1/sqrt(var + eps)
+    smod: int,                           # Py_ssize_t: row r uses statistic r % smod
+    sper: bool,                          # bint: statistics per element of a row (channels last)
+    w: npt.NDArray[np.float64],          # const double[::1]
+    b: npt.NDArray[np.float64],          # const double[::1]
+    psub: int, pmod: int, pmul: int,     # Py_ssize_t: parameter indexing (as norm_rows)
+    act: int,                            # int: activation code
+    nthreads: int,
+) -> None: ...
+def norm_stats(
+    states: npt.NDArray[np.float64],     # const double[:, ::1]
+    mh: npt.NDArray[np.float64],         # double[::1], out
+    ml: npt.NDArray[np.float64],         # double[::1], out
+    var: npt.NDArray[np.float64],        # double[::1], out
+) -> None: ...
+def norm_rows_small(
+    x: object,                           # any object; only small C-contiguous float arrays are taken
+    out: object,                         # None or an ndarray like x (may be x)
+    eps: float,                          # double
+    mode: int,                           # int: 0 layer norm, 1 RMS norm
+    weight: object, bias: object,        # None or float64 C-contiguous (L,) arrays
+) -> np.ndarray | None: ...              # the output, or None: not eligible (use the general path)
+def moments_small(
+    x: object,                           # any object; only small C-contiguous float arrays are taken
+    all_axes: bool,                      # bint: over every axis (else the last)
+    ddof: float,                         # double
+    float64_out: bool = ...,             # bint: float64 results even for float32 input
+) -> tuple[np.ndarray, np.ndarray] | None: ...
+def set_stream_threshold(nbytes: int) -> int: ...   # outputs >= nbytes use streaming stores
