@@ -14,6 +14,8 @@ dims that the caller loops over, merging into the same states.
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, field
 from operator import index
 
@@ -62,6 +64,23 @@ class Plan:
 
 
 def plan_reduction(shape, strides, red_axes, state_strides) -> Plan:
+    """Plan the reduction of an array (``shape``, byte ``strides``) over ``red_axes``.
+
+    Plans are cached by (shape, strides, axes, state strides): a training
+    loop asks for the same few plans on every call, and planning costs more
+    than the kernel on small arrays.  The returned Plan is shared: read it,
+    do not modify it.
+    """
+    return _plan_cached(tuple(shape), tuple(strides), tuple(sorted(red_axes)),
+                        tuple(state_strides))
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan_cached(shape, strides, red_axes, state_strides) -> Plan:
+    return _plan_reduction(shape, strides, red_axes, state_strides)
+
+
+def _plan_reduction(shape, strides, red_axes, state_strides) -> Plan:
     """Plan the reduction of an array (``shape``, byte ``strides``) over ``red_axes``.
 
     ``state_strides[i]`` is the index stride of kept axis ``i`` in the state
