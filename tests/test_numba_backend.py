@@ -495,3 +495,29 @@ def test_fused_rows_match_cython_bitwise(dtype, case, rng):
         assert got.dtype == ref.dtype and got.shape == ref.shape
         np.testing.assert_array_equal(np.atleast_1d(got).view(np.uint8),
                                       np.atleast_1d(ref).view(np.uint8))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("affine", [False, True])
+def test_batch_norm_rows_apply_matches_cython(dtype, layout, affine, rng):
+    """Batch norm's output pass as Numba rows (_numba_rows.scale_rows) against Cython.
+
+    NCHW is bitwise (the statistics are too).  Channels last: the float64
+    column statistics of the two backends differ in the low part of the
+    double-double mean (both within the contract), so outputs agree to 1 ulp.
+    """
+    x = (rng.standard_normal((6, 16, 12, 12)) * 3 + 40).astype(dtype)
+    ax = 1
+    if layout == "NHWC":
+        x, ax = np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1
+    kw = {}
+    if affine:
+        kw = dict(weight=rng.standard_normal(16), bias=rng.standard_normal(16), activation="relu")
+    got = cnorm.batch_norm(x, axis=ax, backend="numba", **kw)
+    ref = cnorm.batch_norm(x, axis=ax, backend="cython", **kw)
+    assert got.dtype == ref.dtype
+    if layout == "NCHW" or dtype != np.float64:
+        np.testing.assert_array_equal(got.view(np.uint8), ref.view(np.uint8))
+    else:
+        np.testing.assert_array_max_ulp(got, ref, maxulp=1)

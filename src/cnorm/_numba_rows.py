@@ -1,4 +1,4 @@
-"""The fused rows kernel of ``_kernels.norm_rows`` as Numba code: backend="numba".
+"""The rows kernels of ``_kernels`` (``norm_rows``, ``scale_rows``) as Numba code: backend="numba".
 
 Layer/RMS/group/instance norm over rows that are contiguous in memory: the
 statistics of a row (the moments blocks and Chan merges of
@@ -151,3 +151,82 @@ def norm_rows(x, y, R, L, xrs, yrs, eps, mode, w, b, psub, pmod, pmul, act, mean
     else:
         with _numba_threads(nt):
             _rows_parallel(*args)
+
+
+# ------------------------------------------------------------------ scale_rows (batch norm's output pass)
+@jit
+def _percol_span(xr, out, mh, ml, rs, w, b, act):
+    """Channels last: statistics and parameters per element of the row."""
+    n = np.uint64(xr.shape[0])
+    if act == 0:
+        for i in range(n):
+            out[i] = (((_ld(xr, i) - mh[i]) - ml[i]) * rs[i]) * w[i] + b[i]
+    else:
+        for i in range(n):
+            out[i] = _activate((((_ld(xr, i) - mh[i]) - ml[i]) * rs[i]) * w[i] + b[i], act)
+
+
+@jit
+def _scale_row(xr, out, r, mh, ml, rs, smod, sper, w, b, psub, pmod, pmul, act):
+    L = xr.shape[0]
+    if sper:
+        _percol_span(xr, out, mh, ml, rs, w, b, act)
+        return
+    si = r % smod
+    pbase = (r % pmod) * pmul
+    if psub == 1:
+        _scale_span(xr, out, 0, L, mh[si], ml[si], rs[si], w, b, pbase, act)
+    else:
+        for j in range(L // psub):
+            _scale_span(xr, out, j * psub, (j + 1) * psub, mh[si], ml[si], rs[si], w, b,
+                        -(pbase + j) - 1, act)
+
+
+@jit
+def _scale_row_any(xr, yr, fbuf, r, mh, ml, rs, smod, sper, w, b, psub, pmod, pmul, act, half):
+    if half:
+        _scale_row(xr, fbuf, r, mh, ml, rs, smod, sper, w, b, psub, pmod, pmul, act)
+        ubuf = fbuf.view(np.uint32)
+        for i in range(xr.shape[0]):
+            yr[i] = _f32_bits_to_half(ubuf[i], fbuf[i])
+    else:
+        _scale_row(xr, yr, r, mh, ml, rs, smod, sper, w, b, psub, pmod, pmul, act)
+
+
+@jit
+def _scale_serial(x, y, mh, ml, rs, smod, sper, w, b, psub, pmod, pmul, act, half):
+    fbuf = np.empty(x.shape[1], np.float32)
+    for r in range(x.shape[0]):
+        _scale_row_any(x[r], y[r], fbuf, r, mh, ml, rs, smod, sper, w, b, psub, pmod, pmul, act,
+                       half)
+
+
+@jit(parallel=True)
+def _scale_parallel(x, y, mh, ml, rs, smod, sper, w, b, psub, pmod, pmul, act, half):
+    for r in numba.prange(x.shape[0]):
+        fbuf = np.empty(x.shape[1], np.float32)
+        _scale_row_any(x[r], y[r], fbuf, r, mh, ml, rs, smod, sper, w, b, psub, pmod, pmul, act,
+                       half)
+
+
+def scale_rows(x, y, R, L, xrs, yrs, mh, ml, rs, smod, sper, w, b, psub, pmod, pmul, act,
+               nthreads):
+    """Same contract as ``cnorm._kernels.scale_rows`` (the apply pass over R rows of
+    L contiguous elements with given statistics; y may be x)."""
+    if x.dtype != y.dtype:
+        raise TypeError("scale_rows: x and y must have the same dtype")
+    if R == 0 or L == 0:
+        return
+    xv, yv = _rows_view(x, R, L, xrs, False), _rows_view(y, R, L, yrs, True)
+    half = x.dtype == np.float16
+    if half:
+        xv, yv = xv.view(np.uint16), yv.view(np.uint16)
+    f64 = (lambda a: np.ascontiguousarray(a, dtype=np.float64))
+    args = (xv, yv, f64(mh), f64(ml), f64(rs), int(smod), bool(sper), f64(w), f64(b), int(psub),
+            int(pmod), int(pmul), int(act), half)
+    nt = max(1, min(int(nthreads), _max_threads())) if R * L >= SERIAL_WORK and R > 1 else 1
+    if nt == 1:
+        _scale_serial(*args)
+    else:
+        with _numba_threads(nt):
+            _scale_parallel(*args)

@@ -197,7 +197,7 @@ def _fused_rows(xa, y, nlead, eps, mode, w, b, psub, pmod, pmul, act, backend, n
 def _scale_rows(xa, y, nlead, mh, ml, rs, smod, sper, w, b, act, backend, nthreads):
     """The apply pass as contiguous rows with per-channel statistics (batch norm);
     returns False when the layout or backend does not allow it."""
-    rows = _rows_pair(xa, y, nlead, backend) if backend == "cython" else None
+    rows = _rows_pair(xa, y, nlead, backend)
     if rows is None:
         return False
     R, L, xrs, yrs = rows
@@ -212,8 +212,12 @@ def _scale_rows(xa, y, nlead, mh, ml, rs, smod, sper, w, b, act, backend, nthrea
     else:  # NCHW: row r is channel r % smod
         w1, b1 = _param_pair(w, b, smod)
         psub, pmod, pmul = max(L, 1), smod, 1
-    _config.kernels.scale_rows(xa, y, R, L, xrs, yrs, mh, ml, rs, smod, sper,
-                               w1, b1, psub, pmod, pmul, act, nthreads)
+    if backend == "numba":
+        from . import _numba_rows as mod
+    else:
+        mod = _config.kernels
+    mod.scale_rows(xa, y, R, L, xrs, yrs, mh, ml, rs, smod, sper, w1, b1, psub, pmod, pmul, act,
+                   nthreads)
     return True
 
 
