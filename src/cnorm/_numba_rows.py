@@ -17,11 +17,10 @@ import math
 import numba
 import numpy as np
 
-from ._numba import _blocks_in_slice, _dd_div_d, _ld, _max_threads, _numba_threads, _slice_chunk
+from ._numba import (SERIAL_WORK, _blocks_in_slice, _dd_div_d, _ld, _max_threads, _numba_threads,
+                     _slice_chunk)
 from ._numba_apply import _activate, _f32_bits_to_half
 from ._numba_policy import jit
-
-SERIAL_WORK = 131072   # as in _kernels.pyx: below this many elements, one thread
 
 
 @jit
