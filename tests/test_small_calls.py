@@ -19,8 +19,10 @@ SHAPES = [(1,), (7,), (4, 16), (32, 64), (3, 5, 33), (130, 1000), (1, 1)]
 
 
 def _same(a, b):
+    """Bitwise equal arrays or scalars, of one dtype and shape."""
+    a, b = np.asarray(a), np.asarray(b)
     assert a.dtype == b.dtype and a.shape == b.shape
-    np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
+    np.testing.assert_array_equal(np.atleast_1d(a).view(np.uint8), np.atleast_1d(b).view(np.uint8))
 
 
 class _Declining:
@@ -61,22 +63,22 @@ def _data(shape, dtype, rng, offset=0.0):
     return (rng.standard_normal(shape) * 3 + offset).astype(dtype)
 
 
-def _spy(monkeypatch):
-    """Count the calls that the small-call kernel actually handled."""
+def _spy(monkeypatch, entry="norm_rows_small"):
+    """Record, for each call of the small-call kernel entry ``entry``, whether it
+    handled the call (returned a result, not None)."""
     handled = []
-    real = _config.kernels.norm_rows_small
+    real_module = _config.kernels
+    real = getattr(real_module, entry)
+
+    def spy(*args):
+        r = real(*args)
+        handled.append(r is not None)
+        return r
 
     class Spy:
         def __getattr__(self, name):
-            return getattr(real_module, name)
+            return spy if name == entry else getattr(real_module, name)
 
-        @staticmethod
-        def norm_rows_small(*args):
-            y = real(*args)
-            handled.append(y is not None)
-            return y
-
-    real_module = _config.kernels
     monkeypatch.setattr(_config, "kernels", Spy())
     return handled
 
@@ -184,31 +186,6 @@ def test_read_only_out_is_refused(rng):
 
 
 # ------------------------------------------------------------------ moments, mean, var, std
-def _same_result(a, b):
-    a, b = np.atleast_1d(np.asarray(a)), np.atleast_1d(np.asarray(b))
-    assert a.dtype == b.dtype and a.shape == b.shape
-    np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
-
-
-def _spy_moments(monkeypatch):
-    handled = []
-    real_module = _config.kernels
-    real = real_module.moments_small
-
-    class Spy:
-        def __getattr__(self, name):
-            return getattr(real_module, name)
-
-        @staticmethod
-        def moments_small(*args):
-            r = real(*args)
-            handled.append(r is not None)
-            return r
-
-    monkeypatch.setattr(_config, "kernels", Spy())
-    return handled
-
-
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64], ids=lambda d: d.__name__)
 @pytest.mark.parametrize("axis", [-1, None])
@@ -221,17 +198,17 @@ def test_small_moments_are_bitwise_the_general_path(isa, shape, dtype, axis, rng
         general[ddof] = (G(cnorm.moments, x, axis, ddof=ddof),
                          [G(getattr(cnorm, f), x, axis, ddof=ddof) for f in ("var", "std")])
     general_mean = G(cnorm.mean, x, axis)
-    handled = _spy_moments(monkeypatch)
+    handled = _spy(monkeypatch, "moments_small")
     for ddof in ddofs:
         (gm, gv), (gvar, gstd) = general[ddof]
         m, v = cnorm.moments(x, axis, ddof=ddof)
-        _same_result(m, gm)
-        _same_result(v, gv)
-        _same_result(cnorm.var(x, axis, ddof=ddof), gvar)
-        _same_result(cnorm.std(x, axis, ddof=ddof), gstd)
+        _same(m, gm)
+        _same(v, gv)
+        _same(cnorm.var(x, axis, ddof=ddof), gvar)
+        _same(cnorm.std(x, axis, ddof=ddof), gstd)
         if axis is None:
             assert np.ndim(m) == 0 and not isinstance(m, np.ndarray)
-    _same_result(cnorm.mean(x, axis), general_mean)
+    _same(cnorm.mean(x, axis), general_mean)
     assert handled and all(handled)
 
 
@@ -239,7 +216,7 @@ def test_small_moments_nan_and_ddof_edge_go_through_their_rules(monkeypatch):
     x = np.array([[1.0, 2.0, np.nan], [4.0, 4.0, 4.0]], np.float32)
     m, v = cnorm.moments(x, -1)
     assert np.isnan(m[0]) and np.isnan(v[0]) and m[1] == 4 and v[1] == 0
-    handled = _spy_moments(monkeypatch)
+    handled = _spy(monkeypatch, "moments_small")
     with pytest.warns(RuntimeWarning):   # ddof >= n: the general path's warning
         cnorm.var(x, -1, ddof=3)
     assert handled == [False]
@@ -250,7 +227,7 @@ def test_small_moments_nan_and_ddof_edge_go_through_their_rules(monkeypatch):
 def test_small_moments_ineligible_calls(case, rng, monkeypatch):
     x = _data((8, 12), np.float64, rng)
     xs = _data((8, 24), np.float64, rng)[:, ::2]
-    handled = _spy_moments(monkeypatch)
+    handled = _spy(monkeypatch, "moments_small")
     out = np.empty(8)
     got, expected = {
         "axis 0": lambda: (cnorm.moments(x, 0)[1], np.var(x, 0)),
@@ -325,4 +302,4 @@ def test_small_backward_is_bitwise_the_general_path(isa, name, shape, dtype, par
         if g is None:
             assert f is None
         else:
-            _same_result(f, g)
+            _same(f, g)

@@ -171,6 +171,30 @@ static inline double cn_a_one(double x, double mh, double ml, double rs, double 
     return (relu && v < 0.0) ? 0.0 : v;
 }
 
+/* Elements [i, n) of a row with statistics per element (parameters too with
+ * pvec): the vector steps from i, then the scalar tail. */
+static inline __attribute__((always_inline)) void cn_apply_percol(
+        const void *x, void *y, ptrdiff_t i, ptrdiff_t n, int kind, const double *mh,
+        const double *ml, const double *rs, const double *w, const double *b, int pvec,
+        int relu, int stream) {
+    const size_t item = kind == 2 ? 8 : (kind == 1 ? 4 : 2);
+    const ptrdiff_t nv = i + (n - i) / 8 * 8;
+    const cn_ad w0 = cn_a_splat(w[0]), b0 = cn_a_splat(b[0]);
+    for (; i < nv; i += 8) {
+        cn_a8 v = cn_a_load((const char *)x + i * item, kind);
+        for (int j = 0; j < CN_AN; j++) {
+            const ptrdiff_t k = i + j * CN_AW;
+            v.v[j] = (((v.v[j] - cn_a_ld(mh + k)) - cn_a_ld(ml + k)) * cn_a_ld(rs + k)) *
+                     (pvec ? cn_a_ld(w + k) : w0) + (pvec ? cn_a_ld(b + k) : b0);
+            if (relu) v.v[j] = cn_a_relu(v.v[j]);
+        }
+        cn_a_store((char *)y + i * item, v, kind, stream);
+    }
+    for (; i < n; i++)
+        cn_a_store1(y, i, cn_a_one(cn_a_load1(x, i, kind), mh[i], ml[i], rs[i],
+                                   w[pvec ? i : 0], b[pvec ? i : 0], relu), kind);
+}
+
 /* The row loop.  svec / pvec: statistics / parameters per element (else the
  * value at index 0 is used for the whole row).  kind: 0 float16, 1 float32,
  * 2 float64 (input and output have the same dtype; y may be x). */
@@ -227,17 +251,8 @@ static inline __attribute__((always_inline)) void cn_apply_row_k(const void *x, 
             cn_a_store((char *)y + i * item, v, kind, stream);
         }
     } else {
-        const cn_ad w0 = cn_a_splat(w[0]), b0 = cn_a_splat(b[0]);
-        for (; i < nv; i += 8) {
-            cn_a8 v = cn_a_load((const char *)x + i * item, kind);
-            for (int j = 0; j < CN_AN; j++) {
-                const ptrdiff_t k = i + j * CN_AW;
-                v.v[j] = (((v.v[j] - cn_a_ld(mh + k)) - cn_a_ld(ml + k)) * cn_a_ld(rs + k)) *
-                         (pvec ? cn_a_ld(w + k) : w0) + (pvec ? cn_a_ld(b + k) : b0);
-                if (relu) v.v[j] = cn_a_relu(v.v[j]);
-            }
-            cn_a_store((char *)y + i * item, v, kind, stream);
-        }
+        cn_apply_percol(x, y, i, n, kind, mh, ml, rs, w, b, pvec, relu, stream);
+        return;
     }
     for (; i < n; i++)
         cn_a_store1(y, i, cn_a_one(cn_a_load1(x, i, kind), mh[svec ? i : 0], ml[svec ? i : 0],
@@ -246,8 +261,8 @@ static inline __attribute__((always_inline)) void cn_apply_row_k(const void *x, 
 }
 
 /* Channels last: R rows of L elements back to back, statistics and parameters
- * per element of a row (index i of every row).  The same arithmetic as
- * cn_apply_row_k with svec = pvec = 1, without its per-row set-up (a 64-channel
+ * per element of a row (index i of every row).  The loop of cn_apply_row_k
+ * with svec = pvec = 1 (cn_apply_percol), without its per-row set-up (a 64-channel
  * float32 row is 8 vector steps: the set-up cost as much as the work).
  * Streams only when every row starts on a cache line. */
 static inline __attribute__((always_inline)) void cn_apply_rows_percol_k(
@@ -256,25 +271,9 @@ static inline __attribute__((always_inline)) void cn_apply_rows_percol_k(
         int stream) {
     const size_t item = kind == 2 ? 8 : (kind == 1 ? 4 : 2);
     if (kind == 0 || (uintptr_t)y % 64 || (L * item) % 64) stream = 0;
-    const ptrdiff_t nv = L / 8 * 8;
-    for (ptrdiff_t r = 0; r < R; r++) {
-        const char *xr = (const char *)x + r * L * item;
-        char *yr = (char *)y + r * L * item;
-        ptrdiff_t i = 0;
-        for (; i < nv; i += 8) {
-            cn_a8 v = cn_a_load(xr + i * item, kind);
-            for (int j = 0; j < CN_AN; j++) {
-                const ptrdiff_t k = i + j * CN_AW;
-                v.v[j] = (((v.v[j] - cn_a_ld(mh + k)) - cn_a_ld(ml + k)) * cn_a_ld(rs + k)) *
-                         cn_a_ld(w + k) + cn_a_ld(b + k);
-                if (relu) v.v[j] = cn_a_relu(v.v[j]);
-            }
-            cn_a_store(yr + i * item, v, kind, stream);
-        }
-        for (; i < L; i++)
-            cn_a_store1(yr, i, cn_a_one(cn_a_load1(xr, i, kind), mh[i], ml[i], rs[i], w[i], b[i],
-                                        relu), kind);
-    }
+    for (ptrdiff_t r = 0; r < R; r++)
+        cn_apply_percol((const char *)x + r * L * item, (char *)y + r * L * item, 0, L, kind,
+                        mh, ml, rs, w, b, 1, relu, stream);
 }
 
 #define CN_APPLY_ROW(SUFFIX, KIND)                                                 \

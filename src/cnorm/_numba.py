@@ -639,6 +639,7 @@ def _slice_block(buf, p, nrows, rowlen, rs, es, b):
         per_row = (rowlen + BLOCK - 1) // BLOCK
         r = b // per_row
         k = (b % per_row) * BLOCK
+        # int64 values, not literals: one compiled _block_moments per dtype
         return _block_moments(buf, p + r * rs + k * es, np.int64(1), min(BLOCK, rowlen - k),
                               np.int64(0), es)
     g = BLOCK // rowlen
@@ -674,21 +675,8 @@ def _block_major(shape, xs):
 def _slice_chunk(buf, p, nrows, rowlen, rs, es, b0, b1):
     """State of blocks b0..b1-1 (merged left to right) of the nrows x rowlen slice at p."""
     out = (0.0, 0.0, 0.0, 0.0, 0.0)
-    if rowlen >= BLOCK:
-        per_row = (rowlen + BLOCK - 1) // BLOCK
-        one = np.int64(1)   # not literals: one compiled _block_moments per dtype
-        zero = np.int64(0)
-        for b in range(b0, b1):
-            r = b // per_row
-            k = (b % per_row) * BLOCK
-            blk = _block_moments(buf, p + r * rs + k * es, one, min(BLOCK, rowlen - k), zero, es)
-            out = _merge_t(out, blk, buf)
-    else:
-        g = BLOCK // rowlen
-        for b in range(b0, b1):
-            nr = min(g, nrows - b * g)
-            blk = _block_moments(buf, p + b * g * rs, nr, rowlen, rs, es)
-            out = _merge_t(out, blk, buf)
+    for b in range(b0, b1):
+        out = _merge_t(out, _slice_block(buf, p, nrows, rowlen, rs, es, b), buf)
     return out
 
 

@@ -121,6 +121,14 @@ def _f32_bits_to_half(x, f):
     return np.uint16(sign | (ax >> np.uint32(13)))
 
 
+@jit
+def _store_half(yr, fbuf):
+    """yr[i] = float16 bits of the float32 values fbuf[i] (nearest-even, as F16C)."""
+    ubuf = fbuf.view(np.uint32)
+    for i in range(fbuf.shape[0]):
+        yr[i] = _f32_bits_to_half(ubuf[i], fbuf[i])
+
+
 @jit(parallel=True)
 def _apply4_half(x, y, mh, ml, rs, w, b, act, table):
     """float16 via the bits: decode by table, compute in float64, round to float32
@@ -131,16 +139,13 @@ def _apply4_half(x, y, mh, ml, rs, w, b, act, table):
         i1 = (r // n2) % n1
         i0 = r // (n2 * n1)
         fbuf = np.empty(n3, np.float32)
-        ubuf = fbuf.view(np.uint32)
         hx = np.empty(n3, np.float64)
         xr = x[i0, i1, i2]
         for i3 in range(n3):
             hx[i3] = table[xr[i3]]
         _row(hx, fbuf, mh[i0, i1, i2], ml[i0, i1, i2], rs[i0, i1, i2], w[i0, i1, i2],
              b[i0, i1, i2], act)
-        yr = y[i0, i1, i2]
-        for i3 in range(n3):
-            yr[i3] = _f32_bits_to_half(ubuf[i3], fbuf[i3])
+        _store_half(y[i0, i1, i2], fbuf)
 
 
 def apply_4d(x, xoff, y, yoff, mh, ml, rs, soff, w, b, poff, shape, xstrides, ystrides,

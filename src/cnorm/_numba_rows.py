@@ -19,7 +19,7 @@ import numpy as np
 
 from ._numba import (SERIAL_WORK, _blocks_in_slice, _dd_div_d, _ld, _max_threads, _numba_threads,
                      _slice_chunk)
-from ._numba_apply import _activate, _f32_bits_to_half
+from ._numba_apply import _activate, _store_half
 from ._numba_policy import jit
 
 
@@ -100,9 +100,7 @@ def _row_any(xr, yr, fbuf, r, eps, mode, w, b, psub, pmod, pmul, act, mean, var,
     """_row into y; float16 (bits) through a float32 row, rounded like F16C."""
     if half:
         _row(xr, fbuf, r, eps, mode, w, b, psub, pmod, pmul, act, mean, var)
-        ubuf = fbuf.view(np.uint32)
-        for i in range(xr.shape[0]):
-            yr[i] = _f32_bits_to_half(ubuf[i], fbuf[i])
+        _store_half(yr, fbuf)
     else:
         _row(xr, yr, r, eps, mode, w, b, psub, pmod, pmul, act, mean, var)
 
@@ -129,6 +127,31 @@ def _rows_view(a, R, L, rs, writeable):
                                            writeable=writeable)
 
 
+def _row_views(x, y, R, L, xrs, yrs):
+    """(x rows, y rows, half) for the kernels: float16 travels as its bits (uint16),
+    as in the other Numba kernels."""
+    xv, yv = _rows_view(x, R, L, xrs, False), _rows_view(y, R, L, yrs, True)
+    half = x.dtype == np.float16
+    if half:
+        xv, yv = xv.view(np.uint16), yv.view(np.uint16)
+    return xv, yv, half
+
+
+def _launch(serial, parallel, args, R, L, nthreads):
+    """The serial kernel below SERIAL_WORK elements or for one row, else the
+    parallel one on min(nthreads, NUMBA_NUM_THREADS) threads."""
+    nt = max(1, min(int(nthreads), _max_threads())) if R * L >= SERIAL_WORK and R > 1 else 1
+    if nt == 1:
+        serial(*args)
+    else:
+        with _numba_threads(nt):
+            parallel(*args)
+
+
+def _f64(a):
+    return np.ascontiguousarray(a, dtype=np.float64)
+
+
 def norm_rows(x, y, R, L, xrs, yrs, eps, mode, w, b, psub, pmod, pmul, act, mean, var, nthreads):
     """Same contract as ``cnorm._kernels.norm_rows`` (R rows of L contiguous
     elements at byte row strides xrs / yrs; y may be x)."""
@@ -136,20 +159,10 @@ def norm_rows(x, y, R, L, xrs, yrs, eps, mode, w, b, psub, pmod, pmul, act, mean
         raise TypeError("norm_rows: x and y must have the same dtype")
     if R == 0 or L == 0:
         return
-    item = x.itemsize
-    xv, yv = _rows_view(x, R, L, xrs, False), _rows_view(y, R, L, yrs, True)
-    half = x.dtype == np.float16
-    if half:   # float16 travels as its bits (uint16), as in the other Numba kernels
-        xv, yv = xv.view(np.uint16), yv.view(np.uint16)
-    args = (xv, yv, float(eps), int(mode), np.ascontiguousarray(w, dtype=np.float64),
-            np.ascontiguousarray(b, dtype=np.float64), int(psub), int(pmod), int(pmul), int(act),
-            mean, var, half)
-    nt = max(1, min(int(nthreads), _max_threads())) if R * L >= SERIAL_WORK and R > 1 else 1
-    if nt == 1:
-        _rows_serial(*args)
-    else:
-        with _numba_threads(nt):
-            _rows_parallel(*args)
+    xv, yv, half = _row_views(x, y, R, L, xrs, yrs)
+    _launch(_rows_serial, _rows_parallel,
+            (xv, yv, float(eps), int(mode), _f64(w), _f64(b), int(psub), int(pmod), int(pmul),
+             int(act), mean, var, half), R, L, nthreads)
 
 
 # ------------------------------------------------------------------ scale_rows (batch norm's output pass)
@@ -185,9 +198,7 @@ def _scale_row(xr, out, r, mh, ml, rs, smod, sper, w, b, psub, pmod, pmul, act):
 def _scale_row_any(xr, yr, fbuf, r, mh, ml, rs, smod, sper, w, b, psub, pmod, pmul, act, half):
     if half:
         _scale_row(xr, fbuf, r, mh, ml, rs, smod, sper, w, b, psub, pmod, pmul, act)
-        ubuf = fbuf.view(np.uint32)
-        for i in range(xr.shape[0]):
-            yr[i] = _f32_bits_to_half(ubuf[i], fbuf[i])
+        _store_half(yr, fbuf)
     else:
         _scale_row(xr, yr, r, mh, ml, rs, smod, sper, w, b, psub, pmod, pmul, act)
 
@@ -216,16 +227,7 @@ def scale_rows(x, y, R, L, xrs, yrs, mh, ml, rs, smod, sper, w, b, psub, pmod, p
         raise TypeError("scale_rows: x and y must have the same dtype")
     if R == 0 or L == 0:
         return
-    xv, yv = _rows_view(x, R, L, xrs, False), _rows_view(y, R, L, yrs, True)
-    half = x.dtype == np.float16
-    if half:
-        xv, yv = xv.view(np.uint16), yv.view(np.uint16)
-    f64 = (lambda a: np.ascontiguousarray(a, dtype=np.float64))
-    args = (xv, yv, f64(mh), f64(ml), f64(rs), int(smod), bool(sper), f64(w), f64(b), int(psub),
-            int(pmod), int(pmul), int(act), half)
-    nt = max(1, min(int(nthreads), _max_threads())) if R * L >= SERIAL_WORK and R > 1 else 1
-    if nt == 1:
-        _scale_serial(*args)
-    else:
-        with _numba_threads(nt):
-            _scale_parallel(*args)
+    xv, yv, half = _row_views(x, y, R, L, xrs, yrs)
+    _launch(_scale_serial, _scale_parallel,
+            (xv, yv, _f64(mh), _f64(ml), _f64(rs), int(smod), bool(sper), _f64(w), _f64(b),
+             int(psub), int(pmod), int(pmul), int(act), half), R, L, nthreads)

@@ -272,6 +272,14 @@ def _layout_params(w_full, b_full, xv):
     return flat_w, flat_b, strides, _base_offset(wf, flat_w), wf
 
 
+def _param_acc(R, K, P):
+    """Zeroed partial parameter sums of rows_backward for R rows of K elements and P
+    parameters: a shape-only split into tasks (partial sums << the work), each
+    (2, Pp) with Pp padded so the two sums of a parameter are not 4 KiB apart."""
+    Pp = P + 8 if (8 * P) % 4096 < 64 else P
+    return np.zeros((max(1, min(R, 64, R * K // (16 * P))), 2, Pp))
+
+
 def _rows_backward(xv, dyv, dxv, row_axes, mean_full, rstd_full, w_full, b_full, mode, refine,
                    act, backend, nt, *, fallback_copy=False, min_segment=1):
     """Write dx of slices laid out as rows; return the parameter sums (Σ gv*xhat, Σ gv) as
@@ -308,17 +316,15 @@ def _rows_backward(xv, dyv, dxv, row_axes, mean_full, rstd_full, w_full, b_full,
         return False
     want = wf is not None
     P = wv.size
-    Pp = P + 8 if (8 * P) % 4096 < 64 else P   # the two sums of a parameter: not 4 KiB apart
     R = batch[0][0] * batch[1][0]
     K = rows[0][0] * rows[1][0]
-    ntasks = max(1, min(R, 64, R * K // (16 * P)))   # shape-only; partial sums << the work
     shape4 = (batch[0][0], batch[1][0], rows[0][0], rows[1][0])
     st = [(batch[0][1][k], batch[1][1][k], rows[0][1][k], rows[1][1][k]) for k in range(5)]
     mod = _kernels(backend)
-    total = np.zeros((2, Pp)) if want else None
+    total = np.zeros(_param_acc(R, K, P).shape[1:]) if want else None
     for idx in np.ndindex(*[d[0] for d in outer]):
         offs = [sum(i * d[1][k] for i, d in zip(idx, outer)) for k in range(5)]
-        pacc = np.zeros((ntasks, 2, Pp)) if want else None
+        pacc = _param_acc(R, K, P) if want else None
         mod.rows_backward(xv, offs[0], dyv, offs[1], dxv, offs[2], shape4, st[0], st[1], st[2],
                           mflat.reshape(-1), rflat.reshape(-1), offs[3], st[3][:2], wv, bv,
                           p0 + offs[4], st[4], pacc, mode, refine, act, nt)
@@ -553,9 +559,8 @@ def _small_rows_backward(dy, x, mean, rstd, weight, bias, axis, activation, out,
     path makes for it, skipping the planning; None when it does not apply.  Same
     kernel, same arguments, so bitwise the same results (tested)."""
     if not (activation is None and out is None and type(axis) is int and axis == -1
-            and type(backend) is str and (backend == "auto" or backend == "cython")
-            and (num_threads is None or (type(num_threads) is int and num_threads > 0))
-            and _config.HAVE_EXTENSION and type(x) is np.ndarray and type(dy) is np.ndarray):
+            and _config.small_call_allowed(backend, num_threads)
+            and type(x) is np.ndarray and type(dy) is np.ndarray):
         return None
     dt = x.dtype
     if (dt not in _NATIVE_F or dy.dtype != dt or x.shape != dy.shape or x.ndim < 1
@@ -574,10 +579,7 @@ def _small_rows_backward(dy, x, mean, rstd, weight, bias, axis, activation, out,
         bv = np.zeros(L) if bias is None else np.ascontiguousarray(bias, dtype=_F64)
     else:
         wv, bv = np.ones(1), np.zeros(1)
-    P = wv.size
-    Pp = P + 8 if (8 * P) % 4096 < 64 else P
-    ntasks = max(1, min(R, 64, R * L // (16 * P)))
-    pacc = np.zeros((ntasks, 2, Pp)) if want else None
+    pacc = _param_acc(R, L, wv.size) if want else None
     dx = np.empty_like(x)
     item = x.itemsize
     xs = (0, L * item, 0, item)
@@ -587,7 +589,8 @@ def _small_rows_backward(dy, x, mean, rstd, weight, bias, axis, activation, out,
         (0, 0, 0, 1 if want else 0), pacc, mode, dt == _F64 and mode != MODE_RMS, 0, 1)
     if not want:
         return dx, None, None
-    total = pacc.sum(axis=0)
+    total = np.zeros(pacc.shape[1:])
+    total += pacc.sum(axis=0)   # as the general path accumulates (a -0.0 sum becomes +0.0)
     return dx, _small_grad(total[0, :L].copy(), weight), _small_grad(total[1, :L].copy(), bias)
 
 

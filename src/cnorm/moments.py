@@ -120,9 +120,8 @@ def _small_moments(x, axis, ddof, backend, num_threads, float64_out=False):
     axes, default arguments -- or None (the general path then runs).  It skips
     the Python planning, which costs more than the kernel for small arrays; the
     result is bitwise the general path's."""
-    if ((num_threads is None or (type(num_threads) is int and num_threads > 0))
-            and type(backend) is str and (backend == "auto" or backend == "cython")
-            and _config.HAVE_EXTENSION and (type(ddof) is int or type(ddof) is float)
+    if (_config.small_call_allowed(backend, num_threads)
+            and (type(ddof) is int or type(ddof) is float)
             and (axis is None or (type(axis) is int and axis == -1))):
         return _config.kernels.moments_small(x, axis is None, ddof, float64_out)
     return None

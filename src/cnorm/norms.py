@@ -166,6 +166,14 @@ def _rows_pair(xa, y, nlead, backend):
     return lx[0], lx[1], lx[2], ly[2]
 
 
+def _rows_module(backend):
+    """The module with norm_rows / scale_rows for a backend _rows_pair accepted."""
+    if backend == "numba":
+        from . import _numba_rows
+        return _numba_rows
+    return _config.kernels
+
+
 def _param_pair(w, b, n):
     """weight and bias as float64 arrays of n (ones / zeros for a missing one)."""
     w1 = np.ones(n) if w is None else np.ascontiguousarray(w, dtype=np.float64).reshape(-1)
@@ -185,12 +193,8 @@ def _fused_rows(xa, y, nlead, eps, mode, w, b, psub, pmod, pmul, act, backend, n
     else:
         w1, b1 = _param_pair(w, b, max(np.size(w) if w is not None else 0,
                                        np.size(b) if b is not None else 0))
-    if backend == "numba":
-        from . import _numba_rows as mod
-    else:
-        mod = _config.kernels
-    mod.norm_rows(xa, y, R, L, xrs, yrs, eps, mode, w1, b1, psub, pmod, pmul, act, mean, var,
-                  nthreads)
+    _rows_module(backend).norm_rows(xa, y, R, L, xrs, yrs, eps, mode, w1, b1, psub, pmod, pmul,
+                                    act, mean, var, nthreads)
     return mean, var
 
 
@@ -212,12 +216,8 @@ def _scale_rows(xa, y, nlead, mh, ml, rs, smod, sper, w, b, act, backend, nthrea
     else:  # NCHW: row r is channel r % smod
         w1, b1 = _param_pair(w, b, smod)
         psub, pmod, pmul = max(L, 1), smod, 1
-    if backend == "numba":
-        from . import _numba_rows as mod
-    else:
-        mod = _config.kernels
-    mod.scale_rows(xa, y, R, L, xrs, yrs, mh, ml, rs, smod, sper, w1, b1, psub, pmod, pmul, act,
-                   nthreads)
+    _rows_module(backend).scale_rows(xa, y, R, L, xrs, yrs, mh, ml, rs, smod, sper, w1, b1, psub,
+                                     pmod, pmul, act, nthreads)
     return True
 
 
@@ -259,10 +259,8 @@ def _small_call(x, axis, out, eps, mode, weight, bias, activation, return_stats,
     arrays below the serial threshold come here, so a (valid) thread count never
     matters.
     """
-    if (activation is None and return_stats is False
-            and (num_threads is None or (type(num_threads) is int and num_threads > 0))
-            and type(axis) is int and axis == -1 and type(backend) is str
-            and (backend == "auto" or backend == "cython") and _config.HAVE_EXTENSION
+    if (activation is None and return_stats is False and type(axis) is int and axis == -1
+            and _config.small_call_allowed(backend, num_threads)
             and ((eps is None and mode == 1) or (type(eps) is float and eps >= 0.0))):
         if eps is None:  # rms_norm's default: machine epsilon of the dtype
             if type(x) is not np.ndarray or x.dtype.kind != "f" or x.dtype.itemsize > 8:
