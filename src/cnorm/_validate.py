@@ -92,3 +92,15 @@ def check_bool(value, argname: str, fn: str = "cnorm") -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{fn}: {argname} must be True or False, got {value!r}")
     return bool(value)
+
+
+def check_num_groups(num_groups, C: int, c_ax: int, fn: str) -> int:
+    """``num_groups`` as a positive int that divides the ``C`` channels (axis ``c_ax``)."""
+    if isinstance(num_groups, (bool, np.bool_)) or not isinstance(num_groups, (int, np.integer)):
+        raise TypeError(f"{fn}: num_groups must be a positive int, got {num_groups!r}")
+    G = int(num_groups)
+    if G <= 0:
+        raise ValueError(f"{fn}: num_groups must be a positive int, got {num_groups!r}")
+    if C % G:
+        raise ValueError(f"{fn}: num_groups={G} does not divide the {C} channels on axis {c_ax}")
+    return G

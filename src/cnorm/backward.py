@@ -35,7 +35,7 @@ import numpy as np
 from . import _config
 from ._axes import layout_order, normalize_axes, plan_elementwise
 from ._engine import ACTIVATIONS
-from ._validate import BFLOAT16, NATIVE, as_float_array, check_out
+from ._validate import BFLOAT16, NATIVE, as_float_array, check_num_groups, check_out
 
 __all__ = ["layer_norm_backward", "rms_norm_backward", "batch_norm_backward",
            "group_norm_backward", "instance_norm_backward"]
@@ -813,13 +813,7 @@ def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, bias=None, *
     xa, rdt, dya, act, backend = _inputs(dy, x, fn, backend, num_threads, activation)
     c_ax = _channel_axis(axis, xa.ndim, fn, batch_first=True)
     N, C = xa.shape[0], xa.shape[c_ax]
-    if isinstance(num_groups, (bool, np.bool_)) or not isinstance(num_groups, (int, np.integer)):
-        raise TypeError(f"{fn}: num_groups must be a positive int, got {num_groups!r}")
-    G = int(num_groups)
-    if G <= 0:
-        raise ValueError(f"{fn}: num_groups must be a positive int, got {num_groups!r}")
-    if C % G:
-        raise ValueError(f"{fn}: num_groups={G} does not divide the {C} channels on axis {c_ax}")
+    G = check_num_groups(num_groups, C, c_ax, fn)
     Cg = C // G
     mh = _stat(mean, "mean", ((N, G),), fn, "group_norm")
     rs = _stat(rstd, "rstd", ((N, G),), fn, "group_norm")

@@ -19,7 +19,8 @@ import numpy as np
 
 from . import _config, _engine
 from ._axes import normalize_axes
-from ._validate import (BFLOAT16, as_float_array, check_bool, check_out, check_real)
+from ._validate import (BFLOAT16, as_float_array, check_bool, check_num_groups, check_out,
+                        check_real)
 
 __all__ = ["layer_norm", "rms_norm", "batch_norm", "group_norm", "instance_norm"]
 
@@ -604,13 +605,7 @@ def group_norm(x, num_groups, weight=None, bias=None, *, axis=1, eps=1e-5, activ
     if c_ax == 0:
         raise ValueError(f"{fn}: axis 0 is the batch axis; the channel axis must differ, got {axis!r}")
     C = xa.shape[c_ax]
-    if isinstance(num_groups, (bool, np.bool_)) or not isinstance(num_groups, (int, np.integer)):
-        raise TypeError(f"{fn}: num_groups must be a positive int, got {num_groups!r}")
-    G = int(num_groups)
-    if G <= 0:
-        raise ValueError(f"{fn}: num_groups must be a positive int, got {num_groups!r}")
-    if C % G:
-        raise ValueError(f"{fn}: num_groups={G} does not divide the {C} channels on axis {c_ax}")
+    G = check_num_groups(num_groups, C, c_ax, fn)
     eps = _check_eps(eps, fn)
     w = _param(weight, (C,), "weight", fn)
     b = _param(bias, (C,), "bias", fn)
