@@ -1,7 +1,8 @@
-"""The small-call entry of layer_norm / rms_norm (``_kernels.norm_rows_small``).
+"""The small-call entries: layer_norm / rms_norm (``_kernels.norm_rows_small``),
+moments / mean / var / std (``_kernels.moments_contig``), the backward passes.
 
-Small arrays with the default arguments skip the Python planning and go to
-the kernel through one C function.  It must give bitwise the results of the
+Small arrays (C-contiguous ones for moments) with the default arguments skip
+the Python planning and go to the kernel through one C function.  It must give bitwise the results of the
 general path (forced here by a kernel module whose small-call entries decline
 every call), fall back to it for everything it does not handle, and keep
 every error of the general path.
@@ -39,7 +40,7 @@ class _Declining:
         return None
 
     @staticmethod
-    def moments_small(*args):
+    def moments_contig(*args):
         return None
 
 
@@ -186,19 +187,33 @@ def test_read_only_out_is_refused(rng):
 
 
 # ------------------------------------------------------------------ moments, mean, var, std
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
+# (shape, axis) of the moments entry: every reduction of C-contiguous arrays that
+# plans without outer loops -- rows, all axes, columns, NCHW, two reduced runs
+# with kept runs between, size-1 axes anywhere, negative and tuple axes
+MOMENT_CASES = ([(s, -1) for s in SHAPES] + [(s, None) for s in SHAPES]
+                + [((130, 1000), 0), ((7,), 0), ((1, 1), (0, 1)), ((3, 5, 33), (0, 2)),
+                   ((4, 6, 5, 7), (0, 2, 3)), ((4, 6, 5, 7), (1, 3)), ((4, 1, 6, 1, 5), (0, -1, 3)),
+                   ((4, 6, 5, 7), (1, 2)), ((2, 3, 4, 5), (0, 1)), ((6, 1, 9), 1),
+                   ((2, 70, 3, 300), (1, 3)), ((300, 130), -2), ((5, 4, 3), (2, 0, 1))])
+
+
+def _n_reduced(shape, axis):
+    axes = range(len(shape)) if axis is None else np.atleast_1d(axis)
+    return int(np.prod([shape[a] for a in axes]))
+
+
+@pytest.mark.parametrize("shape,axis", MOMENT_CASES, ids=str)
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64], ids=lambda d: d.__name__)
-@pytest.mark.parametrize("axis", [-1, None])
 def test_small_moments_are_bitwise_the_general_path(isa, shape, dtype, axis, rng, monkeypatch):
     x = _data(shape, dtype, rng, offset=1000.0 if dtype != np.float16 else 10.0)
-    n = x.shape[-1] if axis == -1 else x.size
+    n = _n_reduced(shape, axis)
     ddofs = [0, 1, 0.5] if n > 1 else [0]
     general = {}
     for ddof in ddofs:
         general[ddof] = (G(cnorm.moments, x, axis, ddof=ddof),
                          [G(getattr(cnorm, f), x, axis, ddof=ddof) for f in ("var", "std")])
     general_mean = G(cnorm.mean, x, axis)
-    handled = _spy(monkeypatch, "moments_small")
+    handled = _spy(monkeypatch, "moments_contig")
     for ddof in ddofs:
         (gm, gv), (gvar, gstd) = general[ddof]
         m, v = cnorm.moments(x, axis, ddof=ddof)
@@ -212,34 +227,56 @@ def test_small_moments_are_bitwise_the_general_path(isa, shape, dtype, axis, rng
     assert handled and all(handled)
 
 
+@pytest.mark.parametrize("num_threads", [None, 1, 2, 3])
+@pytest.mark.parametrize("shape,axis", [((256, 1024), -1), ((1024, 256), 0),
+                                        ((8, 16, 32, 64), (0, 2, 3))], ids=str)
+def test_large_moments_take_the_entry_with_threads(shape, axis, num_threads, rng, monkeypatch):
+    """Arrays large enough for threads take the entry too, with the general
+    path's thread count, and give its bits."""
+    x = _data(shape, np.float32, rng, offset=100.0)
+    general = G(cnorm.moments, x, axis, num_threads=num_threads)
+    handled = _spy(monkeypatch, "moments_contig")
+    m, v = cnorm.moments(x, axis, num_threads=num_threads)
+    assert handled == [True]
+    _same(m, general[0])
+    _same(v, general[1])
+
+
 def test_small_moments_nan_and_ddof_edge_go_through_their_rules(monkeypatch):
     x = np.array([[1.0, 2.0, np.nan], [4.0, 4.0, 4.0]], np.float32)
     m, v = cnorm.moments(x, -1)
     assert np.isnan(m[0]) and np.isnan(v[0]) and m[1] == 4 and v[1] == 0
-    handled = _spy(monkeypatch, "moments_small")
+    handled = _spy(monkeypatch, "moments_contig")
     with pytest.warns(RuntimeWarning):   # ddof >= n: the general path's warning
         cnorm.var(x, -1, ddof=3)
     assert handled == [False]
 
 
-@pytest.mark.parametrize("case", ["axis 0", "weights", "skipna", "keepdims", "dtype", "out",
-                                  "strided", "list", "int"])
+@pytest.mark.parametrize("case", ["outer loops", "five runs", "weights", "skipna", "keepdims",
+                                  "dtype", "out", "strided", "fortran", "list", "int", "np axis",
+                                  "list axis"])
 def test_small_moments_ineligible_calls(case, rng, monkeypatch):
     x = _data((8, 12), np.float64, rng)
     xs = _data((8, 24), np.float64, rng)[:, ::2]
-    handled = _spy(monkeypatch, "moments_small")
+    x4 = _data((3, 4, 5, 6), np.float64, rng)
+    x5 = _data((2, 3, 4, 5, 6), np.float64, rng)
+    handled = _spy(monkeypatch, "moments_contig")
     out = np.empty(8)
     got, expected = {
-        "axis 0": lambda: (cnorm.moments(x, 0)[1], np.var(x, 0)),
+        "outer loops": lambda: (cnorm.moments(x4, (0, 2))[1], np.var(x4, (0, 2))),
+        "five runs": lambda: (cnorm.var(x5, (0, 2, 4)), np.var(x5, (0, 2, 4))),
         "weights": lambda: (cnorm.moments(x, -1, weights=np.ones(12))[1], np.var(x, -1)),
         "skipna": lambda: (cnorm.moments(x, -1, skipna=True)[1], np.var(x, -1)),
         "keepdims": lambda: (cnorm.var(x, -1, keepdims=True), np.var(x, -1, keepdims=True)),
         "dtype": lambda: (cnorm.var(x, -1, dtype=np.float32), np.var(x, -1).astype(np.float32)),
         "out": lambda: (cnorm.var(x, -1, out=out), np.var(x, -1)),
         "strided": lambda: (cnorm.var(xs, -1), np.var(xs, -1)),
+        "fortran": lambda: (cnorm.var(np.asfortranarray(x), 0), np.var(x, 0)),
         "list": lambda: (cnorm.var(x.tolist(), -1), np.var(x, -1)),
         "int": lambda: (cnorm.var((x * 10).astype(np.int32), -1),
                         np.var((x * 10).astype(np.int32), -1)),
+        "np axis": lambda: (cnorm.var(x, np.int64(0)), np.var(x, 0)),
+        "list axis": lambda: (cnorm.var(x4, [0, 2, 3]), np.var(x4, (0, 2, 3))),
     }[case]()
     assert True not in handled
     assert got.shape == expected.shape and got.dtype == expected.dtype
@@ -248,8 +285,9 @@ def test_small_moments_ineligible_calls(case, rng, monkeypatch):
         assert got is out
 
 
-@pytest.mark.parametrize("bad", [{"ddof": True}, {"ddof": "1"}, {"axis": 2}, {"backend": "fast"},
-                                 {"num_threads": 0}])
+@pytest.mark.parametrize("bad", [{"ddof": True}, {"ddof": "1"}, {"axis": 2}, {"axis": -3},
+                                 {"axis": (0, 0)}, {"axis": (0, -2)}, {"axis": (True,)},
+                                 {"axis": 1.0}, {"backend": "fast"}, {"num_threads": 0}])
 def test_small_moments_errors_are_those_of_the_general_path(bad, rng):
     x = _data((4, 16), np.float32, rng)
     with pytest.raises((TypeError, ValueError)):

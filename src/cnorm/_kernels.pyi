@@ -5,6 +5,8 @@ import numpy as np
 import numpy.typing as npt
 from typing import Sequence
 
+SERIAL_WORK_ELEMENTS: int              # calls on fewer elements never start threads
+
 def isa() -> str: ...
 def cpu_level() -> int: ...
 def moments_4d(
@@ -70,10 +72,11 @@ def norm_rows_small(
     mode: int,                           # int: 0 layer norm, 1 RMS norm
     weight: object, bias: object,        # None or float64 C-contiguous (L,) arrays
 ) -> np.ndarray | None: ...              # the output, or None: not eligible (use the general path)
-def moments_small(
-    x: object,                           # any object; only small C-contiguous float arrays are taken
-    all_axes: bool,                      # bint: over every axis (else the last)
+def moments_contig(
+    x: object,                           # any object; only C-contiguous float arrays are taken
+    axis: object,                        # None, int or tuple of ints (as numpy's)
     ddof: float,                         # double
-    float64_out: bool = ...,             # bint: float64 results even for float32 input
-) -> tuple[np.ndarray, np.ndarray] | None: ...
+    float64_out: bool,                   # bint: float64 results even for float32 input
+    nthreads: int,                       # int: the resolved thread count (results do not depend on it)
+) -> tuple[np.ndarray, np.ndarray] | None: ...  # None: not eligible (use the general path)
 def set_stream_threshold(nbytes: int) -> int: ...   # outputs >= nbytes use streaming stores

@@ -50,6 +50,9 @@ DEF COLS_CHUNK_BLOCKS = 2  # column blocks per parallel task
 DEF SERIAL_WORK = 131072 # below this many elements, never start threads (wake-up costs more)
 
 
+SERIAL_WORK_ELEMENTS = SERIAL_WORK   # for Python callers: below this, calls run serially
+
+
 def isa():
     """The ISA level this copy of the kernels was compiled for."""
     return cn_isa_name().decode()

@@ -1,6 +1,7 @@
 # Small-call entries of _kernels.pyx (included there, so compiled once per ISA
-# level with the kernels they call): layer/RMS norm and moments of small
-# C-contiguous arrays, checked and run from C without the Python planning.
+# level with the kernels they call): layer/RMS norm of small C-contiguous
+# arrays and moments of C-contiguous ones, checked and run from C without the
+# Python planning.
 # Each returns None when a call is not eligible; the caller then takes the
 # general path, which gives bitwise the same result (tests/test_small_calls.py).
 
@@ -103,44 +104,132 @@ def norm_rows_small(object x, object out, double eps, int mode, object weight, o
     return ya
 
 
-def moments_small(object x, bint all_axes, double ddof, bint float64_out=False):
-    """Float64 (mean, var) of a small array over its last axis (or over all of it),
-    with nothing but C between the call and the kernel.
+DEF MAX_DIMS = 32   # arrays with more dimensions take the general path
+
+
+cdef int flag_axes(object axis, int nd, bint* red) except -1:
+    """Flag in red[0:nd] the axes that ``axis`` names: None (all), an int or a
+    tuple of ints, NumPy's negative indices allowed.  0 when ``axis`` is
+    anything else, out of range or repeated: the general path then raises its
+    error."""
+    cdef int i, a
+    for i in range(nd):
+        red[i] = axis is None
+    if axis is None:
+        return 1
+    cdef tuple items = (axis,) if type(axis) is int else axis if type(axis) is tuple else None
+    if items is None:
+        return 0
+    for item in items:
+        if type(item) is not int or not (-nd <= item < nd):
+            return 0
+        a = <int>item + nd if item < 0 else <int>item
+        if red[a]:
+            return 0
+        red[a] = True
+    return 1
+
+
+cdef bint contiguous_plan(cnp.ndarray xa, const bint* red, Py_ssize_t* shape, Py_ssize_t* strides,
+                          Py_ssize_t* so, Py_ssize_t* sk) noexcept:
+    """The canonical view ``x[o, r1, k, r0]`` (byte strides; ``so``, ``sk`` the
+    state strides of ``o`` and ``k``) of the reduction of C-contiguous ``xa``
+    over the flagged axes: the plan ``_axes.plan_reduction`` makes for it.
+    Size-1 axes are dropped and neighbours of one kind merge (in C order they
+    always can), giving alternating runs of reduced and kept axes; the runs
+    fill R0, K, R1, O (innermost run reduced) or K, R1, O (kept) from the
+    inside.  False when the runs do not fit (the plan has outer loops)."""
+    cdef int nd = cnp.PyArray_NDIM(xa), ax, ng = 0, first, g
+    cdef Py_ssize_t n, xstride = cnp.PyArray_ITEMSIZE(xa), sstride = 1
+    cdef Py_ssize_t gsize[4]
+    cdef Py_ssize_t gstride[4]
+    cdef Py_ssize_t gstate[4]
+    cdef bint inner_red = False, prev = False
+    for ax in range(nd - 1, -1, -1):            # innermost first
+        n = cnp.PyArray_DIM(xa, ax)
+        if n != 1:
+            if ng == 0 or red[ax] != prev:
+                if ng == 4:
+                    return False
+                if ng == 0:
+                    inner_red = red[ax]
+                gsize[ng] = n
+                gstride[ng] = xstride
+                gstate[ng] = 0 if red[ax] else sstride
+                prev = red[ax]
+                ng += 1
+            else:
+                gsize[ng - 1] *= n
+        xstride *= n
+        if not red[ax]:
+            sstride *= n
+    # slots of the runs, innermost first: 3 = R0, 2 = K, 1 = R1, 0 = O
+    first = 3 if inner_red else 2
+    if ng > first + 1:
+        return False
+    for g in range(4):
+        shape[g] = 1
+        strides[g] = 0
+    so[0] = 0
+    sk[0] = 0
+    for g in range(ng):
+        shape[first - g] = gsize[g]
+        strides[first - g] = gstride[g]
+        if first - g == 2:
+            sk[0] = gstate[g]
+        elif first - g == 0:
+            so[0] = gstate[g]
+    return True
+
+
+def moments_contig(object x, object axis, double ddof, bint float64_out, int nthreads):
+    """Float64 (mean, var) of a C-contiguous array over ``axis``, with nothing
+    but C between the call and the kernel.
 
     Eligible: x an exact, aligned, native-order, C-contiguous float16/32/64
-    ndarray with ``0 < x.size < SERIAL_WORK`` and more than ``ddof`` values per
-    slice (no warning to give).  The slices are planned as the general path
-    plans them (``x[1, 1, R, L]``), so the result is bitwise the same.  Returns
-    ``(mean, var)`` of shape ``x.shape[:-1]`` (``()`` with ``all_axes``),
-    float32 for float32 input (unless ``float64_out``) and float64 otherwise,
-    or None when the call is not eligible.
+    ndarray with ``0 < x.size``, at most 32 dimensions, ``axis`` None, an int
+    or a tuple of ints that ``_axes.normalize_axes`` accepts, a reduction that
+    plans without outer loops (every reduction over one or two runs of
+    neighbouring axes: last axis, all axes, axis 0, NCHW ``(0, 2, 3)``...),
+    and more than ``ddof`` values per slice (no warning to give).  The
+    canonical view is the general path's plan, so the result is bitwise the
+    same.  ``nthreads`` is the thread count the caller resolved (results do
+    not depend on it).  Returns ``(mean, var)`` of the kept shape, float32 for
+    float32 input (unless ``float64_out``) and float64 otherwise, or None when
+    the call is not eligible.
     """
     if type(x) is not cnp.ndarray:
         return None
     cdef cnp.ndarray xa = <cnp.ndarray>x
     cdef int typenum = cnp.PyArray_TYPE(xa)
-    cdef int nd = cnp.PyArray_NDIM(xa)
+    cdef int nd = cnp.PyArray_NDIM(xa), ax, nk = 0
     if (typenum != cnp.NPY_FLOAT64 and typenum != cnp.NPY_FLOAT32
-            and typenum != cnp.NPY_FLOAT16) or nd < 1 or not rows_eligible(xa, typenum):
+            and typenum != cnp.NPY_FLOAT16) or nd < 1 or nd > MAX_DIMS \
+            or not rows_eligible(xa, typenum):
         return None
-    cdef Py_ssize_t size = cnp.PyArray_SIZE(xa)
-    cdef Py_ssize_t L = size if all_axes else cnp.PyArray_DIM(xa, nd - 1)
-    if size <= 0 or size >= SERIAL_WORK or not (L > ddof) or not (ddof >= 0):
-        return None
-    cdef Py_ssize_t R = size // L, i
-    cdef Py_ssize_t item = cnp.PyArray_ITEMSIZE(xa)
+    cdef Py_ssize_t size = cnp.PyArray_SIZE(xa), L = 1, R, i
+    cdef bint red[MAX_DIMS]
+    cdef cnp.npy_intp kept[MAX_DIMS]
     cdef Py_ssize_t shape[4]
     cdef Py_ssize_t strides[4]
-    shape[0] = 1; shape[1] = 1; shape[2] = R; shape[3] = L
-    strides[0] = 0; strides[1] = 0; strides[2] = L * item; strides[3] = item
+    cdef Py_ssize_t so, sk
+    if size <= 0 or not flag_axes(axis, nd, red):
+        return None
+    for ax in range(nd):
+        if red[ax]:
+            L *= cnp.PyArray_DIM(xa, ax)
+        else:
+            kept[nk] = cnp.PyArray_DIM(xa, ax)
+            nk += 1
+    if not (L > ddof) or not (ddof >= 0) or not contiguous_plan(xa, red, shape, strides, &so, &sk):
+        return None
+    R = size // L
     # float32 results are rounded here (a C cast rounds once, like numpy's);
     # float16 ones are returned in float64 for numpy to round (directly, not via float32)
     cdef int otype = (cnp.NPY_FLOAT32 if typenum == cnp.NPY_FLOAT32 and not float64_out
                       else cnp.NPY_FLOAT64)
-    cdef cnp.ndarray mean = cnp.PyArray_EMPTY(0 if all_axes else nd - 1, cnp.PyArray_DIMS(xa),
-                                              otype, 0)
-    cdef cnp.ndarray var = cnp.PyArray_EMPTY(0 if all_axes else nd - 1, cnp.PyArray_DIMS(xa),
-                                             otype, 0)
+    cdef cnp.ndarray mean = cnp.PyArray_EMPTY(nk, kept, otype, 0)
+    cdef cnp.ndarray var = cnp.PyArray_EMPTY(nk, kept, otype, 0)
     cdef double m, v
     cdef State small[16]
     cdef State* st = small
@@ -154,11 +243,11 @@ def moments_small(object x, bint all_axes, double ddof, bint float64_out=False):
     with nogil:
         memset(st, 0, R * sizeof(State))
         if typenum == cnp.NPY_FLOAT64:
-            rows_kernel(<const double*>xp, shape, strides, 0, 1, st, 1)
+            run_moments(<const double*>xp, shape, strides, so, sk, st, nthreads)
         elif typenum == cnp.NPY_FLOAT32:
-            rows_kernel(<const float*>xp, shape, strides, 0, 1, st, 1)
+            run_moments(<const float*>xp, shape, strides, so, sk, st, nthreads)
         else:
-            rows_kernel(<const uint16_t*>xp, shape, strides, 0, 1, st, 1)
+            run_moments(<const uint16_t*>xp, shape, strides, so, sk, st, nthreads)
         for i in range(R):
             if otype == cnp.NPY_FLOAT32:
                 state_finalize(&st[i], ddof, &m, &v)

@@ -115,15 +115,20 @@ def _shape_out(arr, axes, ndim, keepdims):
 
 
 def _small_moments(x, axis, ddof, backend, num_threads, float64_out=False):
-    """Float64 (mean, var) from the small-call kernel entry (``moments_small``) for
-    the common call -- a small C-contiguous float array over the last axis or all
-    axes, default arguments -- or None (the general path then runs).  It skips
-    the Python planning, which costs more than the kernel for small arrays; the
-    result is bitwise the general path's."""
+    """Float64 (mean, var) from the kernel entry for C-contiguous arrays
+    (``moments_contig``) for the common call -- a C-contiguous float array,
+    axes whose reduction plans without outer loops, default arguments -- or
+    None (the general path then runs).  It skips the Python planning, which
+    costs more than the kernel for small arrays; the result is bitwise the
+    general path's.  Arrays too small for threads skip the thread bookkeeping
+    too."""
     if (_config.small_call_allowed(backend, num_threads)
-            and (type(ddof) is int or type(ddof) is float)
-            and (axis is None or (type(axis) is int and axis == -1))):
-        return _config.kernels.moments_small(x, axis is None, ddof, float64_out)
+            and (type(ddof) is int or type(ddof) is float)):
+        kernels = _config.kernels
+        if type(x) is np.ndarray and x.size >= kernels.SERIAL_WORK_ELEMENTS:
+            with _config.call_slot(num_threads) as nthreads:
+                return kernels.moments_contig(x, axis, ddof, float64_out, nthreads)
+        return kernels.moments_contig(x, axis, ddof, float64_out, 1)
     return None
 
 
