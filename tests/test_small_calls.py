@@ -43,6 +43,10 @@ class _Declining:
     def moments_contig(*args):
         return None
 
+    @staticmethod
+    def batch_norm_contig(*args):
+        return None
+
 
 @contextlib.contextmanager
 def general_path():
@@ -341,3 +345,135 @@ def test_small_backward_is_bitwise_the_general_path(isa, name, shape, dtype, par
             assert f is None
         else:
             _same(f, g)
+
+
+# ------------------------------------------------------------------ batch_norm (training)
+BN_CASES = [((4, 6, 5, 7), 1), ((4, 5, 7, 6), -1), ((8, 3), 1), ((8, 3), -1), ((2, 6, 9), 1),
+            ((1, 6, 5, 5), 1), ((5, 1, 1, 6), 3), ((3, 4, 1, 1), 1), ((64, 4, 33, 33), 1),
+            ((64, 33, 33, 4), -1), ((16, 64, 16, 16), 1)]
+
+
+def _bn_calls(x, axis, rng):
+    C = x.shape[axis]
+    w, b = rng.standard_normal(C), rng.standard_normal(C)
+    return [{}, {"weight": w}, {"bias": b}, {"weight": w, "bias": b},
+            {"weight": w, "bias": b, "running_mean": "rm", "running_var": "rv"},
+            {"running_var": "rv", "momentum": 0.25},
+            {"running_mean": "rm32", "running_var": "rv32", "momentum": 0.5}]
+
+
+def _bn_run(fn, x, axis, kw, rng_seed):
+    """fn(x, axis=axis, **kw) with fresh running statistics; returns (y, rm, rv)."""
+    C = x.shape[axis]
+    r = np.random.default_rng(rng_seed)
+    running = {"rm": r.standard_normal(C), "rv": r.random(C) + 0.5}
+    running |= {"rm32": running["rm"].astype(np.float32), "rv32": running["rv"].astype(np.float32)}
+    kw = {k: (running[v] if isinstance(v, str) else v) for k, v in kw.items()}
+    y = fn(x, axis=axis, **kw)
+    return (y,) + tuple(running.values())
+
+
+@pytest.mark.parametrize("shape,axis", BN_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64], ids=lambda d: d.__name__)
+def test_small_batch_norm_is_bitwise_the_general_path(isa, shape, axis, dtype, rng, monkeypatch):
+    x = _data(shape, dtype, rng, offset=300.0 if dtype != np.float16 else 10.0)
+    calls = _bn_calls(x, axis, rng)
+    general = [G(_bn_run, cnorm.batch_norm, x, axis, kw, 7) for kw in calls]
+    handled = _spy(monkeypatch, "batch_norm_contig")
+    for kw, ref in zip(calls, general):
+        got = _bn_run(cnorm.batch_norm, x, axis, kw, 7)
+        for a, b in zip(got, ref):
+            _same(a, b)
+    assert handled == [True] * len(calls)
+    out = np.full_like(x, np.nan)
+    assert cnorm.batch_norm(x, axis=axis, out=out) is out
+    _same(out, general[0][0])
+    xi = x.copy()
+    assert cnorm.batch_norm(xi, axis=axis, out=xi) is xi
+    _same(xi, general[0][0])
+
+
+@pytest.mark.parametrize("num_threads", [1, 2, 3])
+def test_large_batch_norm_takes_the_entry_with_threads(num_threads, rng, monkeypatch):
+    x = _data((16, 64, 32, 32), np.float32, rng, offset=30.0)
+    ref = G(cnorm.batch_norm, x, num_threads=num_threads)
+    handled = _spy(monkeypatch, "batch_norm_contig")
+    _same(cnorm.batch_norm(x, num_threads=num_threads), ref)
+    assert handled == [True]
+
+
+def test_special_values_stay_in_their_channel_on_the_small_batch_norm(rng):
+    x = _data((6, 4, 3, 3), np.float32, rng)
+    x[2, 1, 0, 0], x[0, 2, 1, 1], x[:, 3] = np.nan, np.inf, 5.0
+    y = cnorm.batch_norm(x)
+    assert np.isnan(y[:, 1]).all() and np.isnan(y[:, 2]).all()
+    assert (y[:, 3] == 0).all() and np.isfinite(y[:, 0]).all()
+    _same(y, G(cnorm.batch_norm, x))
+
+
+@pytest.mark.parametrize("case", ["eval", "activation", "return_stats", "axis 2", "float32 weight",
+                                  "strided x", "fortran x", "list x", "int x", "1-d",
+                                  "list running", "read-only running", "int momentum",
+                                  "partial overlap", "np axis"])
+def test_ineligible_batch_norms_take_the_general_path(case, rng, monkeypatch):
+    x = _data((6, 4, 5, 5), np.float64, rng)
+    rm, rv = np.zeros(4), np.ones(4)
+    kw, call_x = {}, x
+    if case == "eval":
+        kw.update(training=False, running_mean=rm, running_var=rv)
+    elif case == "activation":
+        kw["activation"] = "relu"
+    elif case == "return_stats":
+        kw["return_stats"] = True
+    elif case == "axis 2":
+        kw["axis"] = 2
+    elif case == "float32 weight":
+        kw["weight"] = np.ones(4, np.float32)
+    elif case == "strided x":
+        call_x = _data((6, 8, 5, 5), np.float64, rng)[:, ::2]
+    elif case == "fortran x":
+        call_x = np.asfortranarray(x)
+    elif case == "list x":
+        call_x = x.tolist()
+    elif case == "int x":
+        call_x = (x * 100).astype(np.int64)
+    elif case == "1-d":
+        call_x = x.ravel()
+        kw["axis"] = 0
+    elif case == "list running":
+        kw["running_mean"] = [0.0] * 4
+    elif case == "read-only running":
+        rm.flags.writeable = False
+        kw["running_mean"] = rm
+    elif case == "int momentum":
+        kw.update(running_mean=rm, momentum=1)
+    elif case == "partial overlap":
+        buf = np.zeros(x.size + 8)
+        buf[:x.size] = x.ravel()
+        call_x, kw["out"] = buf[:x.size].reshape(x.shape), buf[8:].reshape(x.shape)
+    elif case == "np axis":
+        kw["axis"] = np.int64(1)
+    handled = _spy(monkeypatch, "batch_norm_contig")
+    try:
+        cnorm.batch_norm(call_x, **kw)
+    except (TypeError, ValueError):
+        assert case in ("read-only running", "list running", "1-d")
+    assert True not in handled
+
+
+@pytest.mark.parametrize("bad", [{"eps": -1.0}, {"eps": float("nan")}, {"weight": np.ones(3)},
+                                 {"axis": 4}, {"backend": "fast"}, {"num_threads": 0},
+                                 {"momentum": 1.5}, {"running_mean": np.zeros(3)},
+                                 {"out": np.empty((6, 4, 5, 4))}])
+def test_small_batch_norm_errors_are_those_of_the_general_path(bad, rng):
+    x = _data((6, 4, 5, 5), np.float32, rng)
+    rm = np.zeros(4)
+    kw = {"running_mean": rm} | bad
+    with pytest.raises((TypeError, ValueError)):
+        cnorm.batch_norm(x, **kw)
+    assert not rm.any()
+
+
+def test_one_value_per_channel_is_the_general_path_error(rng):
+    with pytest.raises(ValueError, match="more than 1 value"):
+        cnorm.batch_norm(np.ones((1, 4)))

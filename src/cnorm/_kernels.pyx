@@ -24,7 +24,7 @@ The module is compiled once per ISA level (see setup.py); ``isa()`` says
 which one this copy is.
 """
 from libc.stdint cimport uint16_t
-from libc.stdlib cimport malloc, free
+from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memset
 from libc.math cimport sqrt, isfinite, NAN, INFINITY, erf, tanh, exp
 from cython.parallel cimport prange
@@ -924,18 +924,22 @@ def scale_rows(cnp.ndarray x, cnp.ndarray y, Py_ssize_t R, Py_ssize_t L, Py_ssiz
 def norm_stats(const double[:, ::1] states, double[::1] mh, double[::1] ml, double[::1] var):
     """Mean (double-double) and biased variance M2/n of each state, for the layers."""
     cdef Py_ssize_t i, n = states.shape[0]
-    cdef double vh, vl
-    cdef const State* s
     with nogil:
         for i in range(n):
-            s = <const State*>&states[i, 0]
-            mh[i] = s.mh
-            ml[i] = s.ml
-            if s.qh != s.qh or s.n == 0:
-                var[i] = NAN
-            else:
-                dd_div_d(s.qh, s.ql, s.n, &vh, &vl)
-                var[i] = vh if vh > 0 else 0.0
+            state_norm_stats(<const State*>&states[i, 0], &mh[i], &ml[i], &var[i])
+
+
+cdef inline void state_norm_stats(const State* s, double* mh, double* ml, double* var) noexcept nogil:
+    """The layers' statistics of a state: mean (double-double) and M2/n, NaN for
+    NaN data or no data, never negative."""
+    cdef double vh, vl
+    mh[0] = s.mh
+    ml[0] = s.ml
+    if s.qh != s.qh or s.n == 0:
+        var[0] = NAN
+    else:
+        dd_div_d(s.qh, s.ql, s.n, &vh, &vl)
+        var[0] = vh if vh > 0 else 0.0
 
 
 # ---------------------------------------------------------------- Python entry points

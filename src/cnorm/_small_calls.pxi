@@ -26,6 +26,31 @@ cdef inline object param_row(object p, Py_ssize_t L, double fill):
     return None
 
 
+cdef object output_like(cnp.ndarray xa, object out):
+    """The output array of a small-call entry: a new array like ``xa`` when
+    ``out`` is None, else ``out`` when it is an eligible array of xa's dtype and
+    shape (aligned, native order, C-contiguous, writeable) that is ``xa`` itself
+    or does not overlap it.  None otherwise (the general path copies, or
+    raises its error)."""
+    cdef int typenum = cnp.PyArray_TYPE(xa), nd = cnp.PyArray_NDIM(xa), i
+    if out is None:
+        return cnp.PyArray_EMPTY(nd, cnp.PyArray_DIMS(xa), typenum, 0)
+    if not rows_eligible(out, typenum) or cnp.PyArray_NDIM(<cnp.ndarray>out) != nd:
+        return None
+    cdef cnp.ndarray ya = <cnp.ndarray>out
+    if not cnp.PyArray_ISWRITEABLE(ya):
+        return None
+    for i in range(nd):
+        if cnp.PyArray_DIM(ya, i) != cnp.PyArray_DIM(xa, i):
+            return None
+    cdef Py_ssize_t nbytes = cnp.PyArray_NBYTES(xa)
+    cdef char* xp = <char*>cnp.PyArray_DATA(xa)
+    cdef char* yp = <char*>cnp.PyArray_DATA(ya)
+    if yp != xp and yp < xp + nbytes and xp < yp + nbytes:
+        return None   # partial overlap
+    return ya
+
+
 def norm_rows_small(object x, object out, double eps, int mode, object weight, object bias):
     """Layer (mode 0) / RMS (mode 1) norm over the last axis of a small array, with
     nothing but C between the call and the kernel.
@@ -48,25 +73,13 @@ def norm_rows_small(object x, object out, double eps, int mode, object weight, o
     cdef Py_ssize_t size = cnp.PyArray_SIZE(xa), L = cnp.PyArray_DIM(xa, nd - 1)
     if size <= 0 or size >= SERIAL_WORK:
         return None
-    cdef Py_ssize_t R = size // L, nbytes = size * cnp.PyArray_ITEMSIZE(xa)
-    cdef int i
-    cdef cnp.ndarray ya
+    cdef Py_ssize_t R = size // L
+    cdef object y = output_like(xa, out)
+    if y is None:
+        return None
+    cdef cnp.ndarray ya = <cnp.ndarray>y
     cdef char* xp = <char*>cnp.PyArray_DATA(xa)
     cdef char* yp
-    if out is None:
-        ya = cnp.PyArray_EMPTY(nd, cnp.PyArray_DIMS(xa), typenum, 0)
-    else:
-        if not rows_eligible(out, typenum) or cnp.PyArray_NDIM(<cnp.ndarray>out) != nd:
-            return None
-        ya = <cnp.ndarray>out
-        if not cnp.PyArray_ISWRITEABLE(ya):
-            return None
-        for i in range(nd):
-            if cnp.PyArray_DIM(ya, i) != cnp.PyArray_DIM(xa, i):
-                return None
-        yp = <char*>cnp.PyArray_DATA(ya)
-        if yp != xp and yp < xp + nbytes and xp < yp + nbytes:
-            return None   # partial overlap: the general path copies
     cdef object w1, b1
     cdef Py_ssize_t psub = L
     if weight is None and bias is None:
@@ -258,6 +271,105 @@ def moments_contig(object x, object axis, double ddof, bint float64_out, int nth
     if R > 16:
         free(st)
     return mean, var
+
+
+def batch_norm_contig(object x, object out, bint channels_last, double eps, object weight,
+                      object bias, int nthreads):
+    """Batch norm in training mode (batch statistics, no activation) of a
+    C-contiguous array, with nothing but C between the call and the kernels.
+
+    Eligible: x an exact, aligned, native-order, C-contiguous float16/32/64
+    ndarray with ``2 <= x.ndim <= 32`` and more than one value per channel;
+    the channel axis is the last (``channels_last``) or axis 1; ``out`` as in
+    ``norm_rows_small``; ``weight``/``bias`` None or float64 C-contiguous
+    vectors of the channel count.  The statistics are those of
+    ``moments_contig`` over every axis but the channel one (the general path's
+    plan) and the output pass is the general path's ``scale_rows`` call, so the
+    result is bitwise the same.  ``nthreads``: as in ``moments_contig``.
+
+    Returns ``(y, stats)`` with ``stats`` float64 of shape (4, C): per channel
+    the mean as a double-double (high, low), the biased variance (from which
+    the caller updates running statistics) and ``1 / sqrt(var + eps)``; or
+    None when the call is not eligible.
+    """
+    if type(x) is not cnp.ndarray:
+        return None
+    cdef cnp.ndarray xa = <cnp.ndarray>x
+    cdef int typenum = cnp.PyArray_TYPE(xa)
+    cdef int nd = cnp.PyArray_NDIM(xa), ax
+    if (typenum != cnp.NPY_FLOAT64 and typenum != cnp.NPY_FLOAT32
+            and typenum != cnp.NPY_FLOAT16) or nd < 2 or nd > MAX_DIMS \
+            or not rows_eligible(xa, typenum):
+        return None
+    cdef int c_ax = nd - 1 if channels_last else 1
+    cdef Py_ssize_t size = cnp.PyArray_SIZE(xa), C = cnp.PyArray_DIM(xa, c_ax)
+    if size <= 0 or size // C <= 1:
+        return None
+    cdef bint red[MAX_DIMS]
+    cdef Py_ssize_t shape[4]
+    cdef Py_ssize_t strides[4]
+    cdef Py_ssize_t so, sk
+    for ax in range(nd):
+        red[ax] = ax != c_ax
+    if not contiguous_plan(xa, red, shape, strides, &so, &sk):
+        return None
+    cdef object y = output_like(xa, out)
+    if y is None:
+        return None
+    # the output pass as the general path's _scale_rows lays it out
+    cdef bint sper = c_ax == nd - 1
+    cdef Py_ssize_t L = C if sper else size // (C * cnp.PyArray_DIM(xa, 0)), R = size // L
+    cdef Py_ssize_t psub = 1, pmod = 1, pmul = 0
+    cdef object w1, b1
+    if sper:
+        w1 = param_row(weight, C, 1.0)
+        b1 = param_row(bias, C, 0.0)
+    elif weight is None and bias is None:
+        w1, b1, psub = _ONE_ROW, _ZERO_ROW, L
+    else:
+        w1 = param_row(weight, C, 1.0)
+        b1 = param_row(bias, C, 0.0)
+        psub, pmod, pmul = L, C, 1
+    if w1 is None or b1 is None:
+        return None
+    cdef const double[::1] w = w1
+    cdef const double[::1] b = b1
+    cdef cnp.ndarray ya = <cnp.ndarray>y
+    cdef cnp.npy_intp sdims[2]
+    sdims[0] = 4
+    sdims[1] = C
+    cdef cnp.ndarray stats = cnp.PyArray_EMPTY(2, sdims, cnp.NPY_FLOAT64, 0)
+    cdef double* mh = <double*>cnp.PyArray_DATA(stats)
+    cdef double* ml = mh + C
+    cdef double* var = mh + 2 * C
+    cdef double* rs = mh + 3 * C
+    cdef State* st = <State*>calloc(C, sizeof(State))
+    if st == NULL:
+        raise MemoryError()
+    cdef char* xp = <char*>cnp.PyArray_DATA(xa)
+    cdef char* yp = <char*>cnp.PyArray_DATA(ya)
+    cdef Py_ssize_t rowbytes = L * cnp.PyArray_ITEMSIZE(xa), i
+    with nogil:
+        if typenum == cnp.NPY_FLOAT64:
+            run_moments(<const double*>xp, shape, strides, so, sk, st, nthreads)
+        elif typenum == cnp.NPY_FLOAT32:
+            run_moments(<const float*>xp, shape, strides, so, sk, st, nthreads)
+        else:
+            run_moments(<const uint16_t*>xp, shape, strides, so, sk, st, nthreads)
+        for i in range(C):
+            state_norm_stats(&st[i], &mh[i], &ml[i], &var[i])
+            rs[i] = 1.0 / sqrt(var[i] + eps)
+        free(st)
+        if typenum == cnp.NPY_FLOAT64:
+            scale_rows_t(<const double*>xp, <double*>yp, R, L, rowbytes, rowbytes, mh, ml, rs,
+                         C, sper, &w[0], &b[0], psub, pmod, pmul, ACT_NONE, nthreads)
+        elif typenum == cnp.NPY_FLOAT32:
+            scale_rows_t(<const float*>xp, <float*>yp, R, L, rowbytes, rowbytes, mh, ml, rs,
+                         C, sper, &w[0], &b[0], psub, pmod, pmul, ACT_NONE, nthreads)
+        else:
+            scale_rows_t(<const uint16_t*>xp, <uint16_t*>yp, R, L, rowbytes, rowbytes, mh, ml,
+                         rs, C, sper, &w[0], &b[0], psub, pmod, pmul, ACT_NONE, nthreads)
+    return ya, stats
 
 
 _ONE_ROW = np.ones(1)

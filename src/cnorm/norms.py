@@ -441,6 +441,47 @@ def _update_running(running_mean, running_var, mean, var_unbiased, momentum):
                             + momentum * var_unbiased)
 
 
+def _small_batch_norm(x, weight, bias, axis, running_mean, running_var, training, momentum, eps,
+                      activation, out, return_stats, backend, num_threads):
+    """The common training call (C-contiguous x, channel axis 1 or last, float64
+    or no affine, plain running statistics or none, defaults otherwise) through
+    the kernel entry ``batch_norm_contig``; None when it does not apply (the
+    general path then runs).  Bitwise the general path's output and running
+    statistics: the entry makes the same kernel calls and the running update
+    below is the general path's code."""
+    if not (training is True and activation is None and return_stats is False
+            and type(x) is np.ndarray and x.ndim >= 2 and type(axis) is int
+            and type(eps) is float and eps >= 0.0
+            and _config.small_call_allowed(backend, num_threads)):
+        return None
+    if axis == -1 or axis == x.ndim - 1:
+        channels_last = True
+    elif axis == 1:
+        channels_last = False
+    else:
+        return None
+    C = x.shape[-1 if channels_last else 1]
+    if running_mean is not None or running_var is not None:
+        if not (type(momentum) is float and 0.0 <= momentum <= 1.0
+                and all(r is None or (type(r) is np.ndarray and r.dtype.kind == "f"
+                                      and r.shape == (C,) and r.flags.writeable)
+                        for r in (running_mean, running_var))):
+            return None
+    kernels = _config.kernels
+    if x.size >= kernels.SERIAL_WORK_ELEMENTS:
+        with _config.call_slot(num_threads) as nthreads:
+            done = kernels.batch_norm_contig(x, out, channels_last, eps, weight, bias, nthreads)
+    else:
+        done = kernels.batch_norm_contig(x, out, channels_last, eps, weight, bias, 1)
+    if done is None:
+        return None
+    y, stats = done
+    n = x.size // C
+    _update_running(running_mean, running_var, _mean(stats[0], stats[1]),
+                    stats[2] * (n / (n - 1)), momentum)
+    return y
+
+
 def batch_norm(x, weight=None, bias=None, *, axis=1, running_mean=None, running_var=None,
                training=True, momentum=0.1, eps=1e-5, activation=None, out=None,
                return_stats=False, backend="auto", num_threads=None):
@@ -468,6 +509,10 @@ def batch_norm(x, weight=None, bias=None, *, axis=1, running_mean=None, running_
     -------
     y or (y, mean, rstd)
     """
+    small = _small_batch_norm(x, weight, bias, axis, running_mean, running_var, training, momentum,
+                              eps, activation, out, return_stats, backend, num_threads)
+    if small is not None:
+        return small
     fn = "batch_norm"
     xa, rdt, act, backend = _prepare(x, out, fn, backend, num_threads, activation, return_stats)
     training = check_bool(training, "training", fn)
