@@ -1,5 +1,6 @@
-"""The small-call entries: layer_norm / rms_norm (``_kernels.norm_rows_small``),
-moments / mean / var / std (``_kernels.moments_contig``), the backward passes.
+"""The C entries that skip the Python planning: layer / rms / group / instance
+norm (``_kernels.norm_rows_contig``), batch norm (``batch_norm_contig``),
+moments / mean / var / std (``moments_contig``), the small backward passes.
 
 Small arrays (C-contiguous ones for moments) with the default arguments skip
 the Python planning and go to the kernel through one C function.  It must give bitwise the results of the
@@ -36,7 +37,7 @@ class _Declining:
         return getattr(self._real, name)
 
     @staticmethod
-    def norm_rows_small(*args):
+    def norm_rows_contig(*args):
         return None
 
     @staticmethod
@@ -68,7 +69,7 @@ def _data(shape, dtype, rng, offset=0.0):
     return (rng.standard_normal(shape) * 3 + offset).astype(dtype)
 
 
-def _spy(monkeypatch, entry="norm_rows_small"):
+def _spy(monkeypatch, entry="norm_rows_contig"):
     """Record, for each call of the small-call kernel entry ``entry``, whether it
     handled the call (returned a result, not None)."""
     handled = []
@@ -131,7 +132,7 @@ def test_special_values_stay_in_their_row_on_the_small_path(rng):
 
 
 @pytest.mark.parametrize("case", ["float32 weight", "strided x", "fortran x", "list x",
-                                  "axis 0", "partial overlap", "big", "activation",
+                                  "axis 0", "partial overlap", "activation",
                                   "int x", "strided out"])
 def test_ineligible_calls_take_the_general_path(case, rng, monkeypatch):
     x = _data((16, 32), np.float64, rng)
@@ -150,8 +151,6 @@ def test_ineligible_calls_take_the_general_path(case, rng, monkeypatch):
         buf = np.zeros(16 * 32 + 8)
         buf[:512] = x.ravel()
         call_x, kw["out"] = buf[:512].reshape(16, 32), buf[8:].reshape(16, 32)
-    elif case == "big":
-        call_x = _data((512, 512), np.float32, rng)
     elif case == "activation":
         kw["activation"] = "relu"
     elif case == "int x":
@@ -477,3 +476,94 @@ def test_small_batch_norm_errors_are_those_of_the_general_path(bad, rng):
 def test_one_value_per_channel_is_the_general_path_error(rng):
     with pytest.raises(ValueError, match="more than 1 value"):
         cnorm.batch_norm(np.ones((1, 4)))
+
+
+# ------------------------------------------------------------------ rows: large, group, instance
+@pytest.mark.parametrize("num_threads", [1, 2, 3])
+@pytest.mark.parametrize("name", ["layer_norm", "rms_norm", "group_norm", "instance_norm"])
+def test_large_rows_take_the_entry_with_threads(name, num_threads, rng, monkeypatch):
+    x = _data((16, 64, 24, 24), np.float32, rng, offset=30.0)
+    call = {"layer_norm": lambda x, **kw: cnorm.layer_norm(x, **kw),
+            "rms_norm": lambda x, **kw: cnorm.rms_norm(x, **kw),
+            "group_norm": lambda x, **kw: cnorm.group_norm(x, 8, **kw),
+            "instance_norm": lambda x, **kw: cnorm.instance_norm(x, **kw)}[name]
+    ref = G(call, x, num_threads=num_threads)
+    handled = _spy(monkeypatch)
+    _same(call(x, num_threads=num_threads), ref)
+    assert handled == [True]
+
+
+GROUP_CASES = [((4, 6, 5, 7), 3), ((4, 6, 5, 7), 6), ((4, 6, 5, 7), 1), ((8, 12), 4), ((8, 12), 12),
+               ((2, 4, 3, 3, 3), 2), ((1, 8, 1, 1), 8), ((3, 64, 16, 16), 32), ((2, 30, 70), 5)]
+
+
+@pytest.mark.parametrize("shape,groups", GROUP_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64], ids=lambda d: d.__name__)
+def test_small_group_and_instance_norm_are_bitwise_the_general_path(isa, shape, groups, dtype, rng,
+                                                                    monkeypatch):
+    x = _data(shape, dtype, rng, offset=300.0 if dtype != np.float16 else 10.0)
+    C = shape[1]
+    w, b = rng.standard_normal(C), rng.standard_normal(C)
+    params = [{}, {"weight": w}, {"bias": b}, {"weight": w, "bias": b}]
+    calls = [(cnorm.group_norm, (groups,), kw) for kw in params]
+    if groups == C:
+        calls += [(cnorm.instance_norm, (), kw) for kw in params]
+    general = [G(fn, x, *args, **kw) for fn, args, kw in calls]
+    handled = _spy(monkeypatch)
+    for (fn, args, kw), ref in zip(calls, general):
+        _same(fn(x, *args, **kw), ref)
+        out = np.full_like(x, np.nan)
+        assert fn(x, *args, out=out, **kw) is out
+        _same(out, ref)
+    xi = x.copy()
+    assert cnorm.group_norm(xi, groups, out=xi) is xi
+    _same(xi, general[0])
+    assert handled == [True] * (2 * len(calls) + 1)
+
+
+@pytest.mark.parametrize("case", ["channels last", "activation", "return_stats", "float32 weight",
+                                  "strided x", "list x", "np groups", "instance running",
+                                  "instance eval", "1-d"])
+def test_ineligible_group_norms_take_the_general_path(case, rng, monkeypatch):
+    x = _data((6, 4, 5, 5), np.float64, rng)
+    fn, args, kw, call_x = cnorm.group_norm, (2,), {}, x
+    if case == "channels last":
+        kw["axis"], call_x = -1, _data((6, 5, 5, 4), np.float64, rng)
+    elif case == "activation":
+        kw["activation"] = "relu"
+    elif case == "return_stats":
+        kw["return_stats"] = True
+    elif case == "float32 weight":
+        kw["weight"] = np.ones(4, np.float32)
+    elif case == "strided x":
+        call_x = _data((6, 8, 5, 5), np.float64, rng)[:, ::2]
+    elif case == "list x":
+        call_x = x.tolist()
+    elif case == "np groups":
+        args = (np.int64(2),)
+    elif case == "instance running":
+        fn, args, kw = cnorm.instance_norm, (), {"running_mean": np.zeros(4)}
+    elif case == "instance eval":
+        fn, args = cnorm.instance_norm, ()
+        kw = {"training": False, "running_mean": np.zeros(4), "running_var": np.ones(4)}
+    elif case == "1-d":
+        call_x = x.ravel()
+        kw["axis"] = 0
+    handled = _spy(monkeypatch)
+    try:
+        fn(call_x, *args, **kw)
+    except (TypeError, ValueError):
+        assert case == "1-d"
+    assert True not in handled
+
+
+@pytest.mark.parametrize("bad", [{"num_groups": 3}, {"num_groups": 0}, {"num_groups": 2.0},
+                                 {"num_groups": None}, {"num_groups": -2}, {"num_groups": True},
+                                 {"eps": -1.0}, {"weight": np.ones(3)}, {"axis": 0},
+                                 {"backend": "fast"}, {"num_threads": 0},
+                                 {"out": np.empty((6, 4, 5, 4))}])
+def test_small_group_norm_errors_are_those_of_the_general_path(bad, rng):
+    x = _data((6, 4, 5, 5), np.float32, rng)
+    kw = {"num_groups": 2} | bad
+    with pytest.raises((TypeError, ValueError)):
+        cnorm.group_norm(x, **kw)

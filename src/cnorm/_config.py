@@ -139,11 +139,11 @@ def call_slot(num_threads) -> _CallSlot:
 
 
 def small_call_allowed(backend, num_threads) -> bool:
-    """Whether a call may take a small-call entry (``norm_rows_small``,
-    ``moments_small``, the small backward): the compiled backend, by default or
-    by name, and no thread count or a valid one -- small calls run serially and
-    results never depend on threads.  Anything else goes to the general path,
-    which validates it."""
+    """Whether a call may take a C entry that skips the Python planning
+    (``norm_rows_contig``, ``batch_norm_contig``, ``moments_contig``, the small
+    backward): the compiled backend, by default or by name, and no thread count
+    or a valid one (results never depend on threads).  Anything else goes to the
+    general path, which validates it."""
     return (HAVE_EXTENSION and type(backend) is str and (backend == "auto" or backend == "cython")
             and (num_threads is None or (type(num_threads) is int and num_threads > 0)))
 

@@ -65,13 +65,23 @@ def norm_stats(
     ml: npt.NDArray[np.float64],         # double[::1], out
     var: npt.NDArray[np.float64],        # double[::1], out
 ) -> None: ...
-def norm_rows_small(
-    x: object,                           # any object; only small C-contiguous float arrays are taken
+def norm_rows_contig(
+    x: object,                           # any object; only C-contiguous float arrays are taken
     out: object,                         # None or an ndarray like x (may be x)
     eps: float,                          # double
-    mode: int,                           # int: 0 layer norm, 1 RMS norm
-    weight: object, bias: object,        # None or float64 C-contiguous (L,) arrays
+    mode: int,                           # int: 0 layer/group norm, 1 RMS norm
+    weight: object, bias: object,        # None or float64 C-contiguous (L,) / (C,) arrays
+    groups: int,                         # Py_ssize_t: 0 last axis; > 0 groups of axis 1 (N, C, ...)
+    nthreads: int,                       # int: the resolved thread count
 ) -> np.ndarray | None: ...              # the output, or None: not eligible (use the general path)
+def batch_norm_contig(
+    x: object,                           # any object; only C-contiguous float arrays are taken
+    out: object,                         # None or an ndarray like x (may be x)
+    channels_last: bool,                 # bint: channel axis last (else axis 1)
+    eps: float,                          # double
+    weight: object, bias: object,        # None or float64 C-contiguous (C,) arrays
+    nthreads: int,                       # int: the resolved thread count
+) -> tuple[np.ndarray, npt.NDArray[np.float64]] | None: ...  # (y, (4, C) mean hi/lo, var, rstd)
 def moments_contig(
     x: object,                           # any object; only C-contiguous float arrays are taken
     axis: object,                        # None, int or tuple of ints (as numpy's)

@@ -1,7 +1,8 @@
-# Small-call entries of _kernels.pyx (included there, so compiled once per ISA
-# level with the kernels they call): layer/RMS norm of small C-contiguous
-# arrays and moments of C-contiguous ones, checked and run from C without the
-# Python planning.
+# C entries of _kernels.pyx (included there, so compiled once per ISA level
+# with the kernels they call) for the common calls on C-contiguous arrays:
+# layer / RMS / group / instance norm, batch norm in training, moments.  They
+# check the arguments and run the kernels from C, without the Python planning
+# that costs more than the kernels on small arrays.
 # Each returns None when a call is not eligible; the caller then takes the
 # general path, which gives bitwise the same result (tests/test_small_calls.py).
 
@@ -51,16 +52,23 @@ cdef object output_like(cnp.ndarray xa, object out):
     return ya
 
 
-def norm_rows_small(object x, object out, double eps, int mode, object weight, object bias):
-    """Layer (mode 0) / RMS (mode 1) norm over the last axis of a small array, with
-    nothing but C between the call and the kernel.
+def norm_rows_contig(object x, object out, double eps, int mode, object weight, object bias,
+                     Py_ssize_t groups, int nthreads):
+    """Layer / RMS / group / instance norm of a C-contiguous array as rows, with
+    nothing but C between the call and the fused rows kernel.
 
-    Eligible: x an exact ndarray, float16/32/64, C-contiguous, aligned, native
-    byte order, ``1 <= x.ndim``, ``0 < x.size < SERIAL_WORK`` (so one thread);
-    ``out`` None or an array like x that is x itself or does not overlap it;
-    ``weight``/``bias`` None or float64 C-contiguous vectors of the last
-    axis' length.  Returns the output, or None when the call is not eligible:
-    the caller then runs the general path, which gives the same result.
+    ``groups == 0``: layer (mode 0) or RMS (mode 1) norm over the last axis,
+    ``weight``/``bias`` of its length.  ``groups > 0``: group norm (mode 0) of
+    ``(N, C, ...)`` with ``groups`` groups of channels (instance norm: ``groups
+    == C``): each (sample, group) is one contiguous row, ``weight``/``bias`` of
+    length C.  Eligible: x an exact ndarray, float16/32/64, C-contiguous,
+    aligned, native byte order, ``0 < x.size``; ``out`` None or an array like x
+    that is x itself or does not overlap it; ``weight``/``bias`` None or float64
+    C-contiguous vectors; ``groups`` dividing C.  The rows and parameter
+    indexing are those the general path gives the same kernel, so the result
+    is bitwise the same.  ``nthreads``: the thread count the caller resolved
+    (results do not depend on it).  Returns the output, or None when the call
+    is not eligible: the caller then runs the general path.
     """
     if type(x) is not cnp.ndarray:
         return None
@@ -68,11 +76,20 @@ def norm_rows_small(object x, object out, double eps, int mode, object weight, o
     cdef int typenum = cnp.PyArray_TYPE(xa)
     cdef int nd = cnp.PyArray_NDIM(xa)
     if (typenum != cnp.NPY_FLOAT64 and typenum != cnp.NPY_FLOAT32
-            and typenum != cnp.NPY_FLOAT16) or nd < 1 or not rows_eligible(xa, typenum):
+            and typenum != cnp.NPY_FLOAT16) or nd < (2 if groups else 1) or groups < 0 \
+            or not rows_eligible(xa, typenum):
         return None
-    cdef Py_ssize_t size = cnp.PyArray_SIZE(xa), L = cnp.PyArray_DIM(xa, nd - 1)
-    if size <= 0 or size >= SERIAL_WORK:
+    cdef Py_ssize_t size = cnp.PyArray_SIZE(xa), L, C = 0, hw = 1
+    if size <= 0:
         return None
+    if groups:
+        C = cnp.PyArray_DIM(xa, 1)
+        if C % groups:
+            return None
+        hw = size // (C * cnp.PyArray_DIM(xa, 0))
+        L = (C // groups) * hw
+    else:
+        L = cnp.PyArray_DIM(xa, nd - 1)
     cdef Py_ssize_t R = size // L
     cdef object y = output_like(xa, out)
     if y is None:
@@ -81,15 +98,19 @@ def norm_rows_small(object x, object out, double eps, int mode, object weight, o
     cdef char* xp = <char*>cnp.PyArray_DATA(xa)
     cdef char* yp
     cdef object w1, b1
-    cdef Py_ssize_t psub = L
+    # parameter of element i of row r: (r % pmod) * pmul + i // psub
+    cdef Py_ssize_t psub = L, pmod = 1, pmul = 0
     if weight is None and bias is None:
         w1, b1 = _ONE_ROW, _ZERO_ROW
     else:
-        w1 = param_row(weight, L, 1.0)
-        b1 = param_row(bias, L, 0.0)
+        w1 = param_row(weight, C if groups else L, 1.0)
+        b1 = param_row(bias, C if groups else L, 0.0)
         if w1 is None or b1 is None:
             return None
-        psub = 1
+        if groups:
+            psub, pmod, pmul = hw, groups, C // groups
+        else:
+            psub = 1
     cdef const double[::1] w = w1
     cdef const double[::1] b = b1
     cdef double small_m[64]
@@ -105,13 +126,13 @@ def norm_rows_small(object x, object out, double eps, int mode, object weight, o
     with nogil:
         if typenum == cnp.NPY_FLOAT64:
             norm_rows_t(<const double*>xp, <double*>yp, R, L, L * 8, L * 8, eps, mode, &w[0],
-                        &b[0], psub, 1, 0, ACT_NONE, mean, var, 1)
+                        &b[0], psub, pmod, pmul, ACT_NONE, mean, var, nthreads)
         elif typenum == cnp.NPY_FLOAT32:
             norm_rows_t(<const float*>xp, <float*>yp, R, L, L * 4, L * 4, eps, mode, &w[0],
-                        &b[0], psub, 1, 0, ACT_NONE, mean, var, 1)
+                        &b[0], psub, pmod, pmul, ACT_NONE, mean, var, nthreads)
         else:
             norm_rows_t(<const uint16_t*>xp, <uint16_t*>yp, R, L, L * 2, L * 2, eps, mode, &w[0],
-                        &b[0], psub, 1, 0, ACT_NONE, mean, var, 1)
+                        &b[0], psub, pmod, pmul, ACT_NONE, mean, var, nthreads)
     if R > 64:
         free(mean)
     return ya
@@ -281,7 +302,7 @@ def batch_norm_contig(object x, object out, bint channels_last, double eps, obje
     Eligible: x an exact, aligned, native-order, C-contiguous float16/32/64
     ndarray with ``2 <= x.ndim <= 32`` and more than one value per channel;
     the channel axis is the last (``channels_last``) or axis 1; ``out`` as in
-    ``norm_rows_small``; ``weight``/``bias`` None or float64 C-contiguous
+    ``norm_rows_contig``; ``weight``/``bias`` None or float64 C-contiguous
     vectors of the channel count.  The statistics are those of
     ``moments_contig`` over every axis but the channel one (the general path's
     plan) and the output pass is the general path's ``scale_rows`` call, so the

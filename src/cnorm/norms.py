@@ -251,14 +251,13 @@ def _expand(p, axis_positions, ndim):
 # ------------------------------------------------------------------ small-call fast path
 def _small_call(x, axis, out, eps, mode, weight, bias, activation, return_stats, backend,
                 num_threads):
-    """The common small call (last axis, defaults, float64 or no affine) straight to
-    ``norm_rows_small``; None when it does not apply (the general path then runs).
+    """The common layer/RMS norm call (last axis, defaults, float64 or no affine)
+    straight to ``norm_rows_contig``; None when it does not apply (the general
+    path then runs).
 
     A (32, 64) layer_norm costs a few microseconds of Python in the general path
     (axis planning, validation, allocation of the statistics); here every check is a
-    cheap identity/type test and the kernel entry checks the arrays in C.  Only
-    arrays below the serial threshold come here, so a (valid) thread count never
-    matters.
+    cheap identity/type test and the kernel entry checks the arrays in C.
     """
     if (activation is None and return_stats is False and type(axis) is int and axis == -1
             and _config.small_call_allowed(backend, num_threads)
@@ -267,8 +266,37 @@ def _small_call(x, axis, out, eps, mode, weight, bias, activation, return_stats,
             if type(x) is not np.ndarray or x.dtype.kind != "f" or x.dtype.itemsize > 8:
                 return None
             eps = _RMS_EPS[x.dtype.itemsize]
-        return _config.kernels.norm_rows_small(x, out, eps, mode, weight, bias)
+        return _rows_entry(x, out, eps, mode, weight, bias, 0, num_threads)
     return None
+
+
+def _small_group_call(x, groups, axis, out, eps, weight, bias, activation, return_stats, backend,
+                      num_threads):
+    """The common group/instance norm call (NCHW, defaults, float64 or no affine;
+    ``groups`` is ``_PER_CHANNEL`` for instance norm) straight to
+    ``norm_rows_contig``; None when it does not apply (the general path then runs)."""
+    if not (activation is None and return_stats is False and type(axis) is int and axis == 1
+            and type(eps) is float and eps >= 0.0 and type(x) is np.ndarray and x.ndim >= 2
+            and _config.small_call_allowed(backend, num_threads)):
+        return None
+    if groups is _PER_CHANNEL:
+        groups = x.shape[1]
+    elif type(groups) is not int or groups <= 0:
+        return None
+    return _rows_entry(x, out, eps, 0, weight, bias, groups, num_threads) if groups else None
+
+
+_PER_CHANNEL = object()
+
+
+def _rows_entry(x, out, eps, mode, weight, bias, groups, num_threads):
+    """``norm_rows_contig``, inside a call slot when the array is large enough
+    for threads."""
+    kernels = _config.kernels
+    if type(x) is np.ndarray and x.size >= kernels.SERIAL_WORK_ELEMENTS:
+        with _config.call_slot(num_threads) as nthreads:
+            return kernels.norm_rows_contig(x, out, eps, mode, weight, bias, groups, nthreads)
+    return kernels.norm_rows_contig(x, out, eps, mode, weight, bias, groups, 1)
 
 
 _RMS_EPS = {2: float(np.finfo(np.float16).eps), 4: float(np.finfo(np.float32).eps),
@@ -575,6 +603,11 @@ def instance_norm(x, weight=None, bias=None, *, axis=1, running_mean=None, runni
     -------
     y or (y, mean, rstd)  (stats with shape ``(N, C, 1, ...)``)
     """
+    if training is True and running_mean is None and running_var is None:
+        y = _small_group_call(x, _PER_CHANNEL, axis, out, eps, weight, bias, activation,
+                              return_stats, backend, num_threads)
+        if y is not None:
+            return y
     fn = "instance_norm"
     xa, rdt, act, backend = _prepare(x, out, fn, backend, num_threads, activation, return_stats)
     training = check_bool(training, "training", fn)
@@ -644,6 +677,10 @@ def group_norm(x, num_groups, weight=None, bias=None, *, axis=1, eps=1e-5, activ
     -------
     y or (y, mean, rstd)  (stats with shape ``(N, num_groups)``)
     """
+    y = _small_group_call(x, num_groups, axis, out, eps, weight, bias, activation, return_stats,
+                          backend, num_threads)
+    if y is not None:
+        return y
     fn = "group_norm"
     xa, rdt, act, backend = _prepare(x, out, fn, backend, num_threads, activation, return_stats)
     c_ax = _channel_axis(axis, xa.ndim, fn)
