@@ -346,6 +346,110 @@ def test_small_backward_is_bitwise_the_general_path(isa, name, shape, dtype, par
             _same(f, g)
 
 
+# (kind, shape, groups, taken): whether the small path takes the call (it declines the
+# layouts the general path runs on the per-cell kernels: short segments of several rows)
+CHANNEL_BACKWARD_CASES = [
+    ("batch", (4, 6, 8, 8), None, True), ("batch", (1, 6, 5, 7), None, True),
+    ("batch", (2, 1, 9, 9), None, True), ("batch", (3, 64, 16, 16), None, True),
+    ("batch", (2, 3, 100), None, True), ("batch", (4, 6, 5, 7), None, False),
+    ("instance", (4, 6, 5, 7), None, True), ("instance", (2, 3, 100), None, True),
+    ("instance", (3, 64, 4, 4), None, True),
+    ("group", (4, 6, 8, 8), 3, True), ("group", (4, 6, 8, 8), 6, True),
+    ("group", (2, 64, 16, 16), 32, True), ("group", (3, 8, 100), 1, True),
+    ("group", (4, 6, 5, 7), 3, None)]   # None: taken without parameters only
+
+
+@pytest.mark.parametrize("kind,shape,groups,taken", CHANNEL_BACKWARD_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64], ids=lambda d: d.__name__)
+@pytest.mark.parametrize("params", ["none", "weight", "bias", "both"])
+def test_small_channel_backward_is_bitwise_the_general_path(isa, kind, shape, groups, taken, dtype,
+                                                            params, rng):
+    """Batch / instance / group norm backward, small path (out=None) against the general
+    path (taken with out=), training and (batch norm) eval mode."""
+    from cnorm import backward as B
+    x = _data(shape, dtype, rng, offset=30.0)
+    dy = _data(shape, dtype, rng)
+    C = shape[1]
+    pdt = np.float32 if dtype == np.float32 else np.float64
+    w = rng.standard_normal(C).astype(pdt) if params in ("weight", "both") else None
+    b = rng.standard_normal(C).astype(pdt) if params in ("bias", "both") else None
+    fwd = {"batch": lambda: cnorm.batch_norm(x, w, b, return_stats=True),
+           "instance": lambda: cnorm.instance_norm(x, w, b, return_stats=True),
+           "group": lambda: cnorm.group_norm(x, groups, w, b, return_stats=True)}[kind]
+    _, mean, rstd = fwd()
+    trainings = [True, False] if kind == "batch" else [True]
+    for training in trainings:
+        if kind == "batch":
+            call = (lambda **kw: cnorm.batch_norm_backward(dy, x, mean, rstd, w, b,
+                                                           training=training, **kw))
+        elif kind == "instance":
+            call = (lambda **kw: cnorm.instance_norm_backward(dy, x, mean, rstd, w, b, **kw))
+        else:
+            call = (lambda **kw: cnorm.group_norm_backward(dy, x, mean, rstd, groups, w, b, **kw))
+        direct = B._small_channel_backward(kind, dy, x, mean, rstd, w, b, groups, training, 1,
+                                           None, None, "auto", None)
+        expect = taken if taken is not None else params == "none"
+        assert (direct is not None) == expect
+        fast = call()
+        out = np.empty_like(x)
+        general = call(out=out)
+        assert general[0] is out
+        for f, g in zip(fast, general):
+            if g is None:
+                assert f is None
+            else:
+                _same(f, g)
+
+
+@pytest.mark.parametrize("case", ["channels last", "activation", "out", "strided", "float32 stats",
+                                  "int weight", "np training", "list x", "1 spatial"])
+def test_ineligible_channel_backwards_take_the_general_path(case, rng):
+    from cnorm import backward as B
+    x = _data((4, 6, 8, 8), np.float32, rng)
+    dy = _data((4, 6, 8, 8), np.float32, rng)
+    _, mean, rstd = cnorm.batch_norm(x, return_stats=True)
+    args = dict(weight=None, bias=None, training=True, axis=1, activation=None, out=None)
+    if case == "channels last":
+        x, dy = (np.ascontiguousarray(a.transpose(0, 2, 3, 1)) for a in (x, dy))
+        mean, rstd = mean.reshape(-1), rstd.reshape(-1)
+        args["axis"] = -1
+    elif case == "activation":
+        args["activation"] = "relu"
+    elif case == "out":
+        args["out"] = np.empty_like(x)
+    elif case == "strided":
+        x = _data((4, 12, 8, 8), np.float32, rng)[:, ::2]
+    elif case == "float32 stats":
+        mean = mean.astype(np.float32)
+    elif case == "int weight":
+        args["weight"] = np.ones(6, np.int64)
+    elif case == "np training":
+        args["training"] = np.bool_(True)
+    elif case == "list x":
+        x, dy = x.tolist(), dy.tolist()
+    elif case == "1 spatial":
+        x, dy = x[:, :, :1, :1].copy(), dy[:, :, :1, :1].copy()
+    assert B._small_channel_backward("batch", dy, x, mean, rstd, args["weight"], None, None,
+                                     args["training"], args["axis"], args["activation"],
+                                     args["out"], "auto", None) is None
+    dx = cnorm.batch_norm_backward(dy, x, mean, rstd, **args)[0]
+    assert np.asarray(dx).shape == np.asarray(x).shape
+
+
+@pytest.mark.parametrize("bad", [{"num_groups": 4}, {"num_groups": 0}, {"num_groups": True},
+                                 {"num_groups": 2.0}, {"flat_mean": True}, {"weight": np.ones(3)},
+                                 {"backend": "fast"}, {"num_threads": 0}, {"axis": 0}])
+def test_small_group_backward_errors_are_those_of_the_general_path(bad, rng):
+    x = _data((4, 6, 8, 8), np.float32, rng)
+    dy = _data((4, 6, 8, 8), np.float32, rng)
+    _, mean, rstd = cnorm.group_norm(x, 3, return_stats=True)
+    kw = {"num_groups": 3} | bad
+    if kw.pop("flat_mean", False):
+        mean = mean.reshape(-1)
+    with pytest.raises((TypeError, ValueError)):
+        cnorm.group_norm_backward(dy, x, mean, rstd, kw.pop("num_groups"), **kw)
+
+
 # ------------------------------------------------------------------ batch_norm (training)
 BN_CASES = [((4, 6, 5, 7), 1), ((4, 5, 7, 6), -1), ((8, 3), 1), ((8, 3), -1), ((2, 6, 9), 1),
             ((1, 6, 5, 5), 1), ((5, 1, 1, 6), 3), ((3, 4, 1, 1), 1), ((64, 4, 33, 33), 1),

@@ -550,22 +550,69 @@ def _small_grad(g, p):
     return None if p is None else (g if p.dtype == _F64 else g.astype(p.dtype))
 
 
+def _small_arrays(dy, x, axis, activation, out, backend, num_threads, min_ndim):
+    """Whether a backward call may take a small path: C-contiguous, aligned x and dy of
+    one float dtype and shape with fewer than ``_SMALL`` elements, the given axis -1
+    (rows) or 1 (channels), no activation, no ``out``, the compiled backend."""
+    return (activation is None and out is None and type(axis) is int
+            and _config.small_call_allowed(backend, num_threads)
+            and type(x) is np.ndarray and type(dy) is np.ndarray and x.dtype in _NATIVE_F
+            and dy.dtype == x.dtype and x.shape == dy.shape and x.ndim >= min_ndim
+            and 0 < x.size < _SMALL and x.flags.c_contiguous and dy.flags.c_contiguous
+            and x.flags.aligned and dy.flags.aligned)
+
+
+def _small_kernel(x, dy, row_dims, batch_dims, mean, rstd, wv, bv, want, mode, refine, weight,
+                  bias, min_segment=1):
+    """The rows kernel on x/dy with the rows and batch dims of the general path
+    (``[size, [x, dy, dx, stat, param element strides]]``, outermost first; size-1
+    dims are dropped, the rest merged and padded as ``_plan_rows`` does); returns
+    ``(dx, dweight, dbias)``, or None when the general path would not take the rows
+    kernel for this layout (``_rows_fit`` and ``min_segment`` of ``_rows_backward``)."""
+    live = (lambda dims: [d for d in dims if d[0] != 1])
+    _, rows = _pad(_merge(live(row_dims)), 2, 5)
+    _, batch = _pad(_merge(live(batch_dims)), 2, 5)
+    if rows[1][0] < min_segment and rows[0][0] > 1:
+        return None
+    K = rows[0][0] * rows[1][0]
+    R = x.size // K
+    if not (2 * K * x.itemsize <= _ROW_CACHE_BYTES or R >= 64):
+        return None
+    item = x.itemsize
+    st = [tuple(d[1][k] * (item if k < 3 else 1) for d in batch + rows) for k in range(5)]
+    pacc = _param_acc(R, K, wv.size) if want else None
+    dx = np.empty_like(x)
+    _config.family("_backward").rows_backward(
+        x, 0, dy, 0, dx, 0, (batch[0][0], batch[1][0], rows[0][0], rows[1][0]), st[0], st[1],
+        st[2], mean.reshape(-1), rstd.reshape(-1), 0, st[3][:2], wv, bv, 0, st[4], pacc, mode,
+        refine, 0, 1)
+    if not want:
+        return dx, None, None
+    total = np.zeros(pacc.shape[1:])
+    total += pacc.sum(axis=0)   # as the general path accumulates (a -0.0 sum becomes +0.0)
+    P = wv.size
+    return dx, _small_grad(total[0, :P].copy(), weight), _small_grad(total[1, :P].copy(), bias)
+
+
+def _small_params(weight, bias, n):
+    """(w, b, want) for the rows kernel: float64 vectors of n (ones / zeros for a missing
+    one) when a parameter is given, else the one-element placeholders."""
+    if weight is None and bias is None:
+        return np.ones(1), np.zeros(1), False
+    wv = np.ones(n) if weight is None else np.ascontiguousarray(weight, dtype=_F64)
+    bv = np.zeros(n) if bias is None else np.ascontiguousarray(bias, dtype=_F64)
+    return wv, bv, True
+
+
 def _small_rows_backward(dy, x, mean, rstd, weight, bias, axis, activation, out, backend,
                          num_threads, mode):
     """The common small call of layer_norm_backward / rms_norm_backward (C-contiguous
     x and dy of one float dtype, last axis, float64 statistics and parameters, no
     activation, no ``out``; float parameters of the last axis' length) straight to
-    the rows kernel with the plan the general
-    path makes for it, skipping the planning; None when it does not apply.  Same
-    kernel, same arguments, so bitwise the same results (tested)."""
-    if not (activation is None and out is None and type(axis) is int and axis == -1
-            and _config.small_call_allowed(backend, num_threads)
-            and type(x) is np.ndarray and type(dy) is np.ndarray):
-        return None
-    dt = x.dtype
-    if (dt not in _NATIVE_F or dy.dtype != dt or x.shape != dy.shape or x.ndim < 1
-            or not (0 < x.size < _SMALL) or not x.flags.c_contiguous
-            or not dy.flags.c_contiguous or not x.flags.aligned or not dy.flags.aligned):
+    the rows kernel with the plan the general path makes for it, skipping the
+    planning; None when it does not apply.  Same kernel, same arguments, so bitwise
+    the same results (tested)."""
+    if not (_small_arrays(dy, x, axis, activation, out, backend, num_threads, 1) and axis == -1):
         return None
     L = x.shape[-1]
     R = x.size // L
@@ -573,25 +620,52 @@ def _small_rows_backward(dy, x, mean, rstd, weight, bias, axis, activation, out,
     if not (_small_stat(rstd, R, keep, kept) and (mode == MODE_RMS or _small_stat(mean, R, keep, kept))
             and _small_param(weight, L) and _small_param(bias, L)):
         return None
-    want = weight is not None or bias is not None
-    if want:
-        wv = np.ones(L) if weight is None else np.ascontiguousarray(weight, dtype=_F64)
-        bv = np.zeros(L) if bias is None else np.ascontiguousarray(bias, dtype=_F64)
+    wv, bv, want = _small_params(weight, bias, L)
+    pe = 1 if want else 0
+    m = np.zeros(R) if mode == MODE_RMS else mean
+    return _small_kernel(x, dy, [[L, [1, 1, 1, 0, pe]]], [[R, [L, L, L, 1, 0]]], m, rstd, wv, bv,
+                         want, mode, x.dtype == _F64 and mode != MODE_RMS, weight, bias)
+
+
+def _small_channel_backward(kind, dy, x, mean, rstd, weight, bias, groups, training, axis,
+                            activation, out, backend, num_threads):
+    """The common small call of batch / instance / group norm backward (``kind``
+    "batch", "instance", "group") on NCHW data (C-contiguous x and dy with spatial
+    axes, float64 statistics, float parameters of C, defaults otherwise) straight to
+    the rows kernel with the plan the general path makes; None when it does not
+    apply (the general path then runs, or takes the per-cell kernels for this
+    layout).  Bitwise the general path's results (tested)."""
+    if not (_small_arrays(dy, x, axis, activation, out, backend, num_threads, 3) and axis == 1
+            and type(training) is bool):
+        return None
+    N, C = x.shape[0], x.shape[1]
+    HW = x.size // (N * C)
+    G = groups if kind == "group" else C
+    if (HW == 1 or not _small_param(weight, C) or not _small_param(bias, C)
+            or type(G) is not int or G <= 0 or C % G):
+        return None
+    spatial = (1,) * (x.ndim - 2)
+    if kind == "batch":
+        stat_shapes, nstat = [(C,), (1, C) + spatial], C
+    elif kind == "instance":
+        stat_shapes, nstat = [(N, C), (N, C) + spatial], N * C
     else:
-        wv, bv = np.ones(1), np.zeros(1)
-    pacc = _param_acc(R, L, wv.size) if want else None
-    dx = np.empty_like(x)
-    item = x.itemsize
-    xs = (0, L * item, 0, item)
-    m = np.zeros(R) if mode == MODE_RMS else mean.reshape(-1)
-    _config.family("_backward").rows_backward(
-        x, 0, dy, 0, dx, 0, (1, R, 1, L), xs, xs, xs, m, rstd.reshape(-1), 0, (0, 1), wv, bv, 0,
-        (0, 0, 0, 1 if want else 0), pacc, mode, dt == _F64 and mode != MODE_RMS, 0, 1)
-    if not want:
-        return dx, None, None
-    total = np.zeros(pacc.shape[1:])
-    total += pacc.sum(axis=0)   # as the general path accumulates (a -0.0 sum becomes +0.0)
-    return dx, _small_grad(total[0, :L].copy(), weight), _small_grad(total[1, :L].copy(), bias)
+        stat_shapes, nstat = [(N, G)], N * G
+    if not all(type(a) is np.ndarray and a.dtype == _F64 and a.size == nstat
+               and a.flags.c_contiguous and a.shape in stat_shapes for a in (mean, rstd)):
+        return None
+    wv, bv, want = _small_params(weight, bias, C)
+    pe = 1 if want else 0
+    if kind == "batch":   # slice = channel (N segments of HW), parameter per channel
+        return _small_kernel(x, dy, [[N, [C * HW] * 3 + [0, 0]], [HW, [1, 1, 1, 0, 0]]],
+                             [[C, [HW] * 3 + [1, pe]]], mean, rstd, wv, bv, want,
+                             MODE_CENTER if training else MODE_EVAL,
+                             training and x.dtype == _F64, weight, bias, min_segment=64)
+    Cg = C // G           # slice = (sample, group): Cg segments of HW, parameter per segment
+    return _small_kernel(x, dy, [[Cg, [HW] * 3 + [0, pe]], [HW, [1, 1, 1, 0, 0]]],
+                         [[N, [C * HW] * 3 + [G, 0]], [G, [Cg * HW] * 3 + [1, Cg * pe]]],
+                         mean, rstd, wv, bv, want, MODE_CENTER, x.dtype == _F64, weight, bias,
+                         min_segment=64)
 
 
 # ------------------------------------------------------------------ public API
@@ -752,6 +826,10 @@ def batch_norm_backward(dy, x, mean, rstd, weight=None, bias=None, *, axis=1, tr
     while in cache by the row kernel.  Channels last: per-cell centred float64
     sums over whole rows of channels, then one elementwise pass for ``dx``.
     """
+    small = _small_channel_backward("batch", dy, x, mean, rstd, weight, bias, None, training, axis,
+                                    activation, out, backend, num_threads)
+    if small is not None:
+        return small
     fn = "batch_norm_backward"
     xa, rdt, dya, act, backend = _inputs(dy, x, fn, backend, num_threads, activation)
     training = _check_training(training, fn)
@@ -781,6 +859,10 @@ def instance_norm_backward(dy, x, mean, rstd, weight=None, bias=None, *, axis=1,
     statistics are constants: use ``batch_norm_backward(..., training=False)``
     with the running statistics.)
     """
+    small = _small_channel_backward("instance", dy, x, mean, rstd, weight, bias, None, True, axis,
+                                    activation, out, backend, num_threads)
+    if small is not None:
+        return small
     fn = "instance_norm_backward"
     xa, rdt, dya, act, backend = _inputs(dy, x, fn, backend, num_threads, activation)
     c_ax = _channel_axis(axis, xa.ndim, fn, batch_first=True)
@@ -809,6 +891,10 @@ def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, bias=None, *
     last: per-(sample, channel) centred sums combined per group and per
     channel, then one elementwise pass.
     """
+    small = _small_channel_backward("group", dy, x, mean, rstd, weight, bias, num_groups, True,
+                                    axis, activation, out, backend, num_threads)
+    if small is not None:
+        return small
     fn = "group_norm_backward"
     xa, rdt, dya, act, backend = _inputs(dy, x, fn, backend, num_threads, activation)
     c_ax = _channel_axis(axis, xa.ndim, fn, batch_first=True)
