@@ -521,3 +521,30 @@ def test_batch_norm_rows_apply_matches_cython(dtype, layout, affine, rng):
         np.testing.assert_array_equal(got.view(np.uint8), ref.view(np.uint8))
     else:
         np.testing.assert_array_max_ulp(got, ref, maxulp=1)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("sper", [True, False], ids=["channels-last", "nchw"])
+@pytest.mark.parametrize("act", [0, 1])
+@pytest.mark.parametrize("nthreads", [1, 2, 3])
+def test_scale_rows_kernel_is_bitwise_cython(dtype, sper, act, nthreads, rng):
+    """The Numba scale_rows kernel (serial, and split into row blocks over threads)
+    against the Cython one on the same statistics: bitwise."""
+    from cnorm import _config, _numba_rows
+    R, L, C = (4099, 48, 48) if sper else (1030, 200, 10)
+    x = (rng.standard_normal((R, L)) * 3 + 20).astype(dtype)
+    n = L if sper else C
+    mh, ml = rng.standard_normal(n) + 20, rng.standard_normal(n) * 1e-15
+    rs, w, b = rng.random(n) + 0.5, rng.standard_normal(n), rng.standard_normal(n)
+    if sper:
+        psub, pmod, pmul = 1, 1, 0
+    else:
+        w, b = w[:C], b[:C]
+        psub, pmod, pmul = L, C, 1
+    outs = []
+    for mod in (_numba_rows, _config.kernels):
+        y = np.full_like(x, np.nan)
+        mod.scale_rows(x, y, R, L, L * x.itemsize, L * x.itemsize, mh, ml, rs, n, sper, w, b,
+                       psub, pmod, pmul, act, nthreads)
+        outs.append(y)
+    np.testing.assert_array_equal(outs[0].view(np.uint8), outs[1].view(np.uint8))
