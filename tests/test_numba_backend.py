@@ -398,6 +398,31 @@ def test_half_to_f64_is_exact_for_every_bit_pattern():
     assert cn.half_to_f64(np.uint16(0x0001)) == 2.0 ** -24   # the Python form agrees
 
 
+def test_half_stores_round_like_numpy_and_agree(rng):
+    """Both float16 store routes (the F16C instruction, the integer route) against
+    NumPy's float32 -> float16 rounding: every value near each float16 (the
+    neighbours and midpoints of all 63488 finite halves, nudged by one float32 ulp
+    either way), overflow, subnormals, ±0, ±inf, quiet NaN, and random bits."""
+    from cnorm import _numba_apply as na
+    halves = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    h = halves[np.isfinite(halves)].astype(np.float32)
+    mids = ((h[:-1].astype(np.float64) + h[1:]) / 2).astype(np.float32)
+    near = np.concatenate([h, mids, np.nextafter(mids, np.float32(np.inf)),
+                           np.nextafter(mids, np.float32(-np.inf)), np.nextafter(h, np.float32(0))])
+    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan, 65519.99, 65520.0, 1e30,
+                        -1e30, 2.0 ** -25, 2.0 ** -26, 3 * 2.0 ** -26, 1e-45], np.float32)
+    rand = rng.integers(0, 1 << 32, 1 << 20, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    f = np.concatenate([near, special, rand[~np.isnan(rand)]])
+    with np.errstate(over="ignore"):
+        ref = f.astype(np.float16).view(np.uint16)
+    for store in (na._store_half_int, na._store_half_native if cn.NATIVE_HALF else None):
+        if store is None:
+            continue
+        got = np.empty(f.shape, np.uint16)
+        store(got, f)
+        np.testing.assert_array_equal(got, ref)
+
+
 # ---------------------------------------------------------------- embedding in user @njit code
 def test_callable_from_user_njit_code(rng):
     @numba.njit
