@@ -155,6 +155,14 @@ int main(int argc, char **argv) {
     TIME("centred_f16", N, reps, cn_centred_f16(xh, N, 0.5, &s1, &s2));
     TIME("centred_f32", N, reps, cn_centred_f32(xf, N, 0.5, &s1, &s2));
     TIME("centred_f64 (dd)", N, reps / 4, cn_centred_f64(xd, N, 0.5, &s1, &s1l, &s2, &s2l));
+    TIME("cols_centred_f16", N, reps,
+         for (int r = 0; r < ROWS; r++) cn_cols_centred_f16(xh + r * COLS, COLS, c, a[0], a[1]));
+    TIME("cols_centred4_f16", N, reps,
+         for (int r = 0; r < ROWS; r += 4)
+             cn_cols_centred4_f16(xh + r * COLS, COLS * 2, COLS, c, a[0], a[1]));
+    TIME("cols_centred4_f32", N, reps,
+         for (int r = 0; r < ROWS; r += 4)
+             cn_cols_centred4_f32(xf + r * COLS, COLS * 4, COLS, c, a[0], a[1]));
     TIME("cols_centred_f32", N, reps,
          for (int r = 0; r < ROWS; r++) cn_cols_centred_f32(xf + r * COLS, COLS, c, a[0], a[1]));
     TIME("cols_centred_f64", N, reps / 4,
