@@ -5,14 +5,13 @@
 The algorithm, shared by every reduction shape and dtype:
 
 1. A slice is cut into *blocks* of at most ``BLOCK`` elements (whole short
-   rows are grouped, long rows are split).  A block is read twice while it is
-   hot in L1: the first pass takes a pilot mean ``c``, the second accumulates
-   ``S1 = sum(x - c)`` and ``S2 = sum((x - c)**2)`` in ``LANES`` independent
-   lanes.  Float16/float32 inputs accumulate in float64; float64 inputs in
+   rows are grouped, long rows are split).  A block is read once: with the
+   shift ``c`` its first element, it accumulates ``S1 = sum(x - c)`` and
+   ``S2 = sum((x - c)**2)`` in ``LANES`` independent lanes.  Float16/float32 inputs accumulate in float64; float64 inputs in
    double-double (TwoSum / exact products), which keeps the float64 variance
    within 2 ulp at any offset.
 2. The block state is ``n``, ``mean = c + S1/n`` and ``M2 = S2 - S1**2/n``
-   (the corrected two-pass formula; the correction is tiny because ``c`` is
+   (the corrected two-pass formula; the correction is small because ``c`` is
    close to the mean).
 3. Blocks merge left to right into *chunk* states and chunks merge left to
    right into the slice state, with Chan's formula in double-double.  The
@@ -169,7 +168,7 @@ cdef void state_finalize(const State* s, double ddof, double* mean, double* var)
 
 cdef inline void block_state(double n, double c, double s1h, double s1l,
                              double s2h, double s2l, State* out) noexcept nogil:
-    """State of a block from its pilot mean c and the centred sums S1, S2."""
+    """State of a block from its shift c and the centred sums S1, S2."""
     cdef double qh, ql, th, tl
     out.n = n
     if not isfinite(c):
@@ -252,9 +251,6 @@ cdef inline double ld(const src_t* p) noexcept nogil:
 
 # ---------------------------------------------------------------- block kernel
 cdef extern from "_simd.h" nogil:
-    double cn_sum_f16(const uint16_t *p, Py_ssize_t n)
-    double cn_sum_f32(const float *p, Py_ssize_t n)
-    double cn_sum_f64(const double *p, Py_ssize_t n)
     void cn_centred_f16(const uint16_t *p, Py_ssize_t n, double c, double *s1, double *s2)
     void cn_centred_f32(const float *p, Py_ssize_t n, double c, double *s1, double *s2)
     void cn_centred_f64(const double *p, Py_ssize_t n, double c,
@@ -271,16 +267,6 @@ cdef extern from "_simd.h" nogil:
                               double *h1, double *l1, double *h2, double *l2)
 
 
-cdef inline double row_sum(const src_t* p, Py_ssize_t n) noexcept nogil:
-    """Pass 1 over a contiguous row: plain float64 sum in 16 lanes."""
-    if src_t is uint16_t:
-        return cn_sum_f16(p, n)
-    elif src_t is float:
-        return cn_sum_f32(p, n)
-    else:
-        return cn_sum_f64(p, n)
-
-
 cdef inline void row_centred(const src_t* p, Py_ssize_t n, double c, double* s1h, double* s1l,
                              double* s2h, double* s2l) noexcept nogil:
     """Pass 2 over a contiguous row: S1 += sum(x - c), S2 += sum((x - c)**2)."""
@@ -294,7 +280,7 @@ cdef inline void row_centred(const src_t* p, Py_ssize_t n, double c, double* s1h
 
 cdef inline void centred_add(double x, double c, double* s1h, double* s1l,
                              double* s2h, double* s2l) noexcept nogil:
-    """One element of pass 2 in double-double (the scalar twin of cn_centred_f64)."""
+    """One element of the centred sums in double-double (the scalar twin of cn_centred_f64)."""
     cdef double d = x - c
     cdef double bb = d - x
     cdef double de = (x - (d - bb)) + (-c - bb)

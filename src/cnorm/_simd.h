@@ -292,18 +292,7 @@ static inline cn_vd cn_v_two_prod_err(cn_vd a, cn_vd b, cn_vd p) {
 }
 
 #define CN_DEFINE_ROW(SUFFIX, T, VLOAD, CONV)                                     \
-/* pass 1: plain float64 sum (the pilot mean only needs to be close) */          \
-static inline double cn_sum_##SUFFIX(const T *__restrict p, ptrdiff_t n) {        \
-    cn_vd a[CN_NV];                                                              \
-    for (int k = 0; k < CN_NV; k++) a[k] = cn_vsplat(0.0);                       \
-    ptrdiff_t i, nv = n - n % 16;                                                \
-    for (i = 0; i < nv; i += 16)                                                 \
-        for (int k = 0; k < CN_NV; k++) a[k] += VLOAD(p + i + k * CN_VW);        \
-    double tail = 0.0;                                                           \
-    for (; i < n; i++) tail += CONV(p[i]);                                       \
-    return cn_tree16(a) + tail;                                                  \
-}                                                                                \
-/* pass 2: S1 += sum(x - c), S2 += sum((x - c)^2) in float64 */                 \
+/* the one pass: S1 += sum(x - c), S2 += sum((x - c)^2) in float64 */           \
 static inline void cn_centred_##SUFFIX(const T *__restrict p, ptrdiff_t n,        \
                                        double c, double *s1, double *s2) {       \
     cn_vd a[CN_NV], q[CN_NV], cv = cn_vsplat(c);                                 \
@@ -325,10 +314,8 @@ static inline void cn_centred_##SUFFIX(const T *__restrict p, ptrdiff_t n,      
 #define CN_CONV_H(v) cn_half_to_double(v)
 CN_DEFINE_ROW(f16, uint16_t, cn_vld_f16, CN_CONV_H)
 CN_DEFINE_ROW(f32, float, cn_vld_f32, CN_CONV_F)
-CN_DEFINE_ROW(f64_plain, double, cn_vld_f64, CN_CONV_F)
-#define cn_sum_f64 cn_sum_f64_plain
 
-/* pass 2 (float64): the same sums in double-double.  d = x - c exactly as
+/* float64: the same sums in double-double.  d = x - c exactly as
  * d + de (TwoSum); S1 += d and S2 += d^2 (exact product by FMA/Dekker, plus
  * 2*d*de) accumulated with TwoSum per lane. */
 static inline void cn_two_sum(double a, double b, double *s, double *e) {
