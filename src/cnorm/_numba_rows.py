@@ -185,31 +185,29 @@ def _scale_row(xr, out, r, mh, ml, rs, smod, w, b, psub, pmod, pmul, act):
                         -(pbase + j) - 1, act)
 
 
+@jit(inline="always")
+def _percol_span(xr, out, mh, ml, rs, w, b, act):
+    """out[i] = act((((x[i] - mh[i]) - ml[i]) * rs[i]) * w[i] + b[i]) (inlined into the
+    block loop: as a call, its eight array arguments cost more than a short row)."""
+    L = np.uint64(xr.shape[0])
+    if act == 0:
+        for i in range(L):
+            out[i] = (((_ld(xr, i) - mh[i]) - ml[i]) * rs[i]) * w[i] + b[i]
+    else:
+        for i in range(L):
+            out[i] = _activate((((_ld(xr, i) - mh[i]) - ml[i]) * rs[i]) * w[i] + b[i], act)
+
+
 @jit
 def _percol_block(x, y, fbuf, r0, r1, mh, ml, rs, w, b, act, half):
     """Channels last, rows [r0, r1): statistics and parameters per element, in one
-    loop nest.  (A call per row passes eight arrays for a row of a few dozen
-    elements: it cost 4x the arithmetic.)  float16 rows go through fbuf as in
-    _scale_row_any."""
-    L = np.uint64(x.shape[1])
+    loop nest (no call per row).  float16 rows go through fbuf as in _scale_row_any."""
     for r in range(r0, r1):
-        xr = x[r]
         if half:
-            if act == 0:
-                for i in range(L):
-                    fbuf[i] = (((_ld(xr, i) - mh[i]) - ml[i]) * rs[i]) * w[i] + b[i]
-            else:
-                for i in range(L):
-                    fbuf[i] = _activate((((_ld(xr, i) - mh[i]) - ml[i]) * rs[i]) * w[i] + b[i], act)
+            _percol_span(x[r], fbuf, mh, ml, rs, w, b, act)
             _store_half(y[r], fbuf)
         else:
-            yr = y[r]
-            if act == 0:
-                for i in range(L):
-                    yr[i] = (((_ld(xr, i) - mh[i]) - ml[i]) * rs[i]) * w[i] + b[i]
-            else:
-                for i in range(L):
-                    yr[i] = _activate((((_ld(xr, i) - mh[i]) - ml[i]) * rs[i]) * w[i] + b[i], act)
+            _percol_span(x[r], y[r], mh, ml, rs, w, b, act)
 
 
 @jit
