@@ -550,17 +550,31 @@ def _small_grad(g, p):
     return None if p is None else (g if p.dtype == _F64 else g.astype(p.dtype))
 
 
+def _small_kernels(backend, num_threads):
+    """The kernel module of a small call: the Cython one where ``small_call_allowed``,
+    the Numba one for ``backend="numba"`` (with a valid thread count: small calls run
+    serially, results never depend on threads), else None."""
+    if _config.small_call_allowed(backend, num_threads):
+        return _config.family("_backward")
+    if (type(backend) is str and backend == "numba" and _config.small_threads_allowed(num_threads)
+            and _config.have_numba()):
+        return _kernels("numba")
+    return None
+
+
 def _small_rows_backward(dy, x, mean, rstd, weight, bias, axis, activation, out, backend,
                          num_threads, mode):
     """The common small call of layer_norm_backward / rms_norm_backward (C-contiguous
     x and dy of one float dtype, last axis, float64 statistics and parameters, no
     activation, no ``out``; float parameters of the last axis' length) straight to
-    the rows kernel with the plan the general
+    the rows kernel (Cython's, or Numba's for ``backend="numba"``) with the plan the general
     path makes for it, skipping the planning; None when it does not apply.  Same
     kernel, same arguments, so bitwise the same results (tested)."""
     if not (activation is None and out is None and type(axis) is int and axis == -1
-            and _config.small_call_allowed(backend, num_threads)
             and type(x) is np.ndarray and type(dy) is np.ndarray):
+        return None
+    mod = _small_kernels(backend, num_threads)
+    if mod is None:
         return None
     dt = x.dtype
     if (dt not in _NATIVE_F or dy.dtype != dt or x.shape != dy.shape or x.ndim < 1
@@ -584,7 +598,7 @@ def _small_rows_backward(dy, x, mean, rstd, weight, bias, axis, activation, out,
     item = x.itemsize
     xs = (0, L * item, 0, item)
     m = np.zeros(R) if mode == MODE_RMS else mean.reshape(-1)
-    _config.family("_backward").rows_backward(
+    mod.rows_backward(
         x, 0, dy, 0, dx, 0, (1, R, 1, L), xs, xs, xs, m, rstd.reshape(-1), 0, (0, 1), wv, bv, 0,
         (0, 0, 0, 1 if want else 0), pacc, mode, dt == _F64 and mode != MODE_RMS, 0, 1)
     if not want:
