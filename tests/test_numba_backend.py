@@ -552,6 +552,7 @@ def _backward_call(case, x, dy, rng, act=None):
 BACKWARD_SHAPES = {"layer": (37, 203), "rms": (37, 203), "batch": (5, 6, 9, 11),
                    "group": (5, 8, 9, 11), "instance": (5, 6, 9, 11), "batch nhwc": (5, 9, 11, 6),
                    "instance nhwc": (5, 9, 11, 6), "group nhwc": (3, 4, 5, 8),
+                   "batch wide nhwc": (4, 3, 5, 300),   # more channels than a column tile
                    "batch cells": (2, 3, 256, 300)}   # few, long channels: the inner-reduce cells
 
 
@@ -586,7 +587,7 @@ def _layouts_of(x0, dy0):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("case", ["layer", "rms", "batch nhwc", "group nhwc"])
+@pytest.mark.parametrize("case", ["layer", "rms", "batch nhwc", "group nhwc", "batch wide nhwc"])
 def test_backward_strided_is_bitwise_the_contiguous_path(dtype, case, rng):
     """A strided inner axis takes the gathered fallback (CHUNK buffers): the same lanes in
     the same order as the direct path, so the same bits (rows: F order and every other
@@ -609,7 +610,7 @@ def test_backward_strided_is_bitwise_the_contiguous_path(dtype, case, rng):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("act", [None, "relu", "gelu", "silu"], ids=str)
 @pytest.mark.parametrize("case", ["layer", "rms", "batch", "instance", "batch nhwc", "group nhwc",
-                                  "batch cells"])
+                                  "batch wide nhwc", "batch cells"])
 def test_backward_matches_cython(dtype, act, case, rng):
     """Every path (float16; activations through the gathered buffers; strided layouts)
     against Cython: dx within 1 ulp of the dtype (float16/float32: one rounding of

@@ -17,7 +17,8 @@ Same entry points and arguments as the Cython module, so
 Summation order (a fixed lane tree): a sum over a contiguous segment is
 taken in ``LANES`` = 16 float64 lanes, lane ``l`` adding the elements ``l,
 l + 16, l + 32, ...`` of the segment in order, and the lanes are then added
-in order 0..15; the sums of segments and rows follow in order.  That is the
+in order 0..15; the sums of segments and rows follow in order (channels-last
+column sums run down each column in row order).  That is the
 order of the Cython kernels' direct paths (``row_fast``, ``cnb_cell``:
 float32/float64, unit inner stride, no activation), so there the results are
 bitwise the Cython backend's; elsewhere (float16, strided inner axes, an
@@ -57,6 +58,8 @@ CHUNK = 256           # elements per gathered chunk and per dx store (the Cython
 ROWBUF = 262144       # gathered rows up to this length stay in float64 row buffers
 LANES = 16            # float64 lanes of every sum (Cython's row_fast / cnb_cell)
 DX_TASKS = 256        # the dx pass: at most this many tasks (ranges of inner rows)
+TILE = 256            # columns per tile of the channels-last sums (<= CHUNK)
+TILE_ROW = TILE + 8   # the tile's row length: rows not 4 KiB apart (no store/load aliasing)
 
 
 @jit
@@ -186,49 +189,58 @@ def _zero_lanes(lanes):
             lanes[i, j] = 0.0
 
 
-@jit
-def _cols_sums(x, g, n, mh, ml, rs, want_dy, a0, a1, a2):
-    """Column sums of one row (statistics per column): a0 += c = (x - mh) - ml and,
-    with ``want_dy``, a1 += g, a2 += g * (c * rs)."""
-    un = np.uint64(n)
+# The loops over short rows (channels last: a row is one value per channel) take
+# offsets into the arrays, not slices: no array views made per row.
+@jit(inline="always")
+def _cols_sums(x, xo, g, go, n, tile, want_dy):
+    """Column sums of one row of n columns (x, g from xo, go); ``tile`` rows 0-2 hold the
+    columns' mh, ml, rs, rows 3-5 their sums: tile[3] += c = (x - mh) - ml and, with
+    ``want_dy``, tile[4] += g, tile[5] += g * (c * rs).  Inlined, so that LLVM sees the
+    tile is the caller's stack array (no aliasing with x, g: the loops vectorize)."""
+    ux, ug = np.uint64(xo), np.uint64(go)
     if want_dy:
-        for i in range(un):
-            c = (_ld(x, i) - mh[i]) - ml[i]
-            gg = _ld(g, i)
-            a0[i] += c
-            a1[i] += gg
-            a2[i] += gg * (c * rs[i])
+        for i in range(np.uint64(n)):
+            c = (_ld(x, ux + i) - tile[0, i]) - tile[1, i]
+            gg = _ld(g, ug + i)
+            tile[3, i] += c
+            tile[4, i] += gg
+            tile[5, i] += gg * (c * tile[2, i])
     else:
-        for i in range(un):
-            a0[i] += (_ld(x, i) - mh[i]) - ml[i]
+        for i in range(np.uint64(n)):
+            tile[3, i] += (_ld(x, ux + i) - tile[0, i]) - tile[1, i]
 
 
 # ---------------------------------------------------------------- dx of a span
 @jit
-def _dx_span(x, g, out, n, m, ml, r, w, pvec, a, bb):
-    """out[i] = ((w*g[i] - a) - xh*bb) * r, xh = ((x[i] - m) - ml) * r, with w[i]
-    (``pvec``) or w[0]; scalar statistics."""
-    un = np.uint64(n)
+def _dx_span(x, xo, g, go, out, oo, n, m, ml, r, w, p, pvec, a, bb):
+    """out[oo + i] = ((w*g - a) - xh*bb) * r, xh = ((x - m) - ml) * r (x, g from xo, go),
+    with w[p + i] (``pvec``) or w[p]; scalar statistics."""
+    ux, ug, uo, up = np.uint64(xo), np.uint64(go), np.uint64(oo), np.uint64(p)
     if pvec:
-        for i in range(un):
-            out[i] = ((w[i] * _ld(g, i) - a) - (((_ld(x, i) - m) - ml) * r) * bb) * r
+        for i in range(np.uint64(n)):
+            out[uo + i] = ((w[up + i] * _ld(g, ug + i) - a)
+                           - (((_ld(x, ux + i) - m) - ml) * r) * bb) * r
     else:
-        w0 = w[0]
-        for i in range(un):
-            out[i] = ((w0 * _ld(g, i) - a) - (((_ld(x, i) - m) - ml) * r) * bb) * r
+        w0 = w[up]
+        for i in range(np.uint64(n)):
+            out[uo + i] = ((w0 * _ld(g, ug + i) - a) - (((_ld(x, ux + i) - m) - ml) * r) * bb) * r
 
 
 @jit
-def _dx_vec(x, g, out, n, mh, ml, rs, a, bb, w, pvec):
-    """_dx_span with statistics per element (channels last)."""
-    un = np.uint64(n)
+def _dx_vec(x, xo, g, go, out, oo, n, mh, ml, rs, a, bb, s, w, p, pvec):
+    """_dx_span with statistics per element, from s (channels last)."""
+    ux, ug, uo, us, up = np.uint64(xo), np.uint64(go), np.uint64(oo), np.uint64(s), np.uint64(p)
     if pvec:
-        for i in range(un):
-            out[i] = ((w[i] * _ld(g, i) - a[i]) - (((_ld(x, i) - mh[i]) - ml[i]) * rs[i]) * bb[i]) * rs[i]
+        for i in range(np.uint64(n)):
+            k = us + i
+            out[uo + i] = ((w[up + i] * _ld(g, ug + i) - a[k])
+                           - (((_ld(x, ux + i) - mh[k]) - ml[k]) * rs[k]) * bb[k]) * rs[k]
     else:
-        w0 = w[0]
-        for i in range(un):
-            out[i] = ((w0 * _ld(g, i) - a[i]) - (((_ld(x, i) - mh[i]) - ml[i]) * rs[i]) * bb[i]) * rs[i]
+        w0 = w[up]
+        for i in range(np.uint64(n)):
+            k = us + i
+            out[uo + i] = ((w0 * _ld(g, ug + i) - a[k])
+                           - (((_ld(x, ux + i) - mh[k]) - ml[k]) * rs[k]) * bb[k]) * rs[k]
 
 
 # ---------------------------------------------------------------- gathers and stores
@@ -272,27 +284,25 @@ def _out_buf_impl(dx, n):
     return lambda dx, n: np.empty(n, dx.dtype)
 
 
-def _target(dx, o, step, n, ob):
-    """Where n dx values from element o are computed: dx itself (float32/float64, unit
-    stride) or the buffer ob (then _flush stores them)."""
-    return dx[o:o + n] if step == 1 and dx.dtype != np.uint16 else ob[:n]
+def _target(dx, step, ob):
+    """(array, direct): where dx values are computed, dx itself (float32/float64, unit
+    stride: ``direct``) or the buffer ob (then _flush stores them)."""
+    direct = step == 1 and dx.dtype != np.uint16
+    return (dx if direct else ob), direct
 
 
 @overload(_target, jit_options=OVERLOAD_OPTIONS)
-def _target_impl(dx, o, step, n, ob):
+def _target_impl(dx, step, ob):
     if isinstance(dx.dtype, types.Integer):
-        return lambda dx, o, step, n, ob: ob[:n]
-    return lambda dx, o, step, n, ob: dx[o:o + n] if step == 1 else ob[:n]
+        return lambda dx, step, ob: (ob, False)
+    return lambda dx, step, ob: (dx, True) if step == 1 else (ob, False)
 
 
 def _flush(dx, o, step, n, ob, hb):
-    """Store what _target put in ob: float16 through the float32 values' bits (``hb``:
-    uint16 scratch), strided outputs element by element."""
+    """Store the n values _target put in ob at dx[o + i*step]: float16 through the float32
+    values' bits (``hb``: uint16 scratch)."""
     where = o + step * np.arange(n)
-    if dx.dtype == np.uint16:
-        dx[where] = ob[:n].astype(np.float16).view(np.uint16)
-    elif step != 1:
-        dx[where] = ob[:n]
+    dx[where] = ob[:n].astype(np.float16).view(np.uint16) if dx.dtype == np.uint16 else ob[:n]
 
 
 @overload(_flush, jit_options=OVERLOAD_OPTIONS)
@@ -305,11 +315,14 @@ def _flush_impl(dx, o, step, n, ob, hb):
                 _store_half(hb[:n], ob[:n])
                 _scatter(dx, o, step, n, hb)
         return flush_half
+    return lambda dx, o, step, n, ob, hb: _scatter(dx, o, step, n, ob)
 
-    def flush(dx, o, step, n, ob, hb):
-        if step != 1:
-            _scatter(dx, o, step, n, ob)
-    return flush
+
+@jit
+def _scratch(dx, n):
+    """Buffers of one task (allocated once per task, or once for a serial run): x and gv
+    as float64 (2, n), CHUNK dx values (_out_buf), their float16 bits, three statistics."""
+    return np.empty((2, n)), _out_buf(dx, CHUNK), np.empty(CHUNK, np.uint16), np.empty(3)
 
 
 # ---------------------------------------------------------------- rows
@@ -392,25 +405,26 @@ def _row_dx(x, dy, dx, geo, st, w, b, pvec, act, a, bb, direct, rowbuf, xb, gb, 
     xo, xs2, xs3, do, ds2, ds3 = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5]
     oo, os2, os3, po, ps2, K0, K1 = geo[6], geo[7], geo[8], geo[9], geo[10], geo[11], geo[12]
     m, ml, r = st[0], st[1], st[2]
+    out, in_place = _target(dx, os3, ob)
     for k0 in range(K0):
         p = po + k0 * ps2
         for c0 in range(0, K1, CHUNK):
             n = min(CHUNK, K1 - c0)
             pp = p + c0 if pvec else p
             oa = oo + k0 * os2 + c0 * os3
-            out = _target(dx, oa, os3, n, ob)
+            ot = oa if in_place else 0
             if direct:
-                xa = xo + k0 * xs2 + c0
-                da = do + k0 * ds2 + c0
-                _dx_span(x[xa:xa + n], dy[da:da + n], out, n, m, ml, r, w[pp:], pvec, a, bb)
+                _dx_span(x, xo + k0 * xs2 + c0, dy, do + k0 * ds2 + c0, out, ot, n, m, ml, r, w, pp,
+                         pvec, a, bb)
             else:
                 j = k0 * K1 + c0 if rowbuf else 0
                 if not rowbuf:
                     _load_gv(x, xo + k0 * xs2 + c0 * xs3, xs3, dy, do + k0 * ds2 + c0 * ds3, ds3, n,
                              xb, gb, st[0:1], st[1:2], st[2:3], 0, w[pp:], b[pp:],
                              1 if pvec else 0, act)
-                _dx_span(xb[j:j + n], gb[j:j + n], out, n, m, ml, r, w[pp:], pvec, a, bb)
-            _flush(dx, oa, os3, n, ob, hb)
+                _dx_span(xb, j, gb, j, out, ot, n, m, ml, r, w, pp, pvec, a, bb)
+            if not in_place:
+                _flush(dx, oa, os3, n, ob, hb)
 
 
 # iv of the rows kernel: shape (4), x/dy/dx/param strides + start (5 each), then these
@@ -418,7 +432,17 @@ _R_SOFF, _R_SS0, _R_SS1, _R_NTASKS, _R_MODE, _R_REFINE, _R_ACT, _R_WANT = range(
 
 
 @jit
-def _rows_task(t, x, dy, dx, iv, mean, rstd, w, b, pacc):
+def _row_paths(iv):
+    """(direct, rowbuf, buffer length) of the rows kernel: x and dy read straight from
+    memory, or gathered into whole-row buffers (rows up to ROWBUF) or CHUNK buffers."""
+    K = iv[2] * iv[3]
+    direct = iv[_R_ACT] == 0 and iv[7] == 1 and iv[12] == 1   # unit xs[3], ds[3]
+    rowbuf = not direct and K <= ROWBUF
+    return direct, rowbuf, K if rowbuf else CHUNK
+
+
+@jit
+def _rows_task(t, x, dy, dx, iv, mean, rstd, w, b, pacc, scratch):
     """Rows [t*R/T, (t+1)*R/T) of the (B0, B1, K0, K1) view; parameter sums into pacc[t]."""
     B1, K0, K1 = iv[1], iv[2], iv[3]
     R = iv[0] * B1
@@ -428,13 +452,9 @@ def _rows_task(t, x, dy, dx, iv, mean, rstd, w, b, pacc):
     want = iv[_R_WANT] != 0
     nl = _opaque(LANES)
     pvec = ps[3] == 1
-    direct = act == 0 and xs[3] == 1 and ds[3] == 1
-    rowbuf = not direct and K <= ROWBUF
-    xb = np.empty(K if rowbuf else CHUNK)
-    gb = np.empty(K if rowbuf else CHUNK)
-    ob = _out_buf(dx, CHUNK)
-    hb = np.empty(CHUNK, np.uint16)
-    st = np.empty(3)
+    direct, rowbuf, _ = _row_paths(iv)
+    xb, gb = scratch[0][0], scratch[0][1]
+    ob, hb, st = scratch[1], scratch[2], scratch[3]
     lanes = _stack_2d(3, 16)
     pt = np.int64(t) if want else np.int64(0)
     pw = pacc[pt, 0]
@@ -459,14 +479,15 @@ def _rows_task(t, x, dy, dx, iv, mean, rstd, w, b, pacc):
 
 @jit
 def _rows_serial(x, dy, dx, iv, mean, rstd, w, b, pacc):
+    scratch = _scratch(dx, _row_paths(iv)[2])
     for t in range(iv[_R_NTASKS]):
-        _rows_task(t, x, dy, dx, iv, mean, rstd, w, b, pacc)
+        _rows_task(t, x, dy, dx, iv, mean, rstd, w, b, pacc, scratch)
 
 
 @jit(parallel=True)
 def _rows_parallel(x, dy, dx, iv, mean, rstd, w, b, pacc):
     for t in prange(iv[_R_NTASKS]):
-        _rows_task(t, x, dy, dx, iv, mean, rstd, w, b, pacc)
+        _rows_task(t, x, dy, dx, iv, mean, rstd, w, b, pacc, _scratch(dx, _row_paths(iv)[2]))
 
 
 # ---------------------------------------------------------------- cells
@@ -511,50 +532,48 @@ def _cell_rows(x, dy, iv, o, k, c, mh, ml, rs, w, b, out, xb, gb, lanes):
 @jit
 def _cell_cols(x, dy, iv, o, c, mh, ml, rs, w, b, out, xb, gb):
     """Column form (R0 == 1): the sums of the cells (o, 0..K) over rows [r0, r1) of
-    chunk c, whole rows of K in order."""
+    chunk c, TILE columns at a time (each column's sum still runs over the rows in
+    order), their statistics and sums in a stack tile (no aliasing: the loops vectorize)."""
     R1, K = iv[1], iv[2]
     xs, ds = iv[4:9], iv[9:14]
     nchunks, act, want_dy = iv[_C_NCHUNKS], iv[_C_ACT], iv[_C_WANT] != 0
     cbase = iv[_C_COFF] + o * iv[_C_SO]
     sk = iv[_C_SK]
-    cols = np.empty((8, K))   # statistics, parameters and the three sums of the K cells
-    mt, lt, rt, wt, bt, a0, a1, a2 = (cols[0], cols[1], cols[2], cols[3], cols[4], cols[5],
-                                      cols[6], cols[7])
-    for i in range(K):
-        ci = cbase + i * sk
-        mt[i], lt[i], rt[i], wt[i], bt[i] = mh[ci], ml[ci], rs[ci], w[ci], b[ci]
-        a0[i] = 0.0
-        a1[i] = 0.0
-        a2[i] = 0.0
     direct = act == 0 and xs[2] == 1 and ds[2] == 1
-    for q in range(c * R1 // nchunks, (c + 1) * R1 // nchunks):
-        xo = xs[4] + o * xs[0] + q * xs[1]
-        do = ds[4] + o * ds[0] + q * ds[1]
-        if direct:
-            _cols_sums(x[xo:xo + K], dy[do:do + K], K, mt, lt, rt, want_dy, a0, a1, a2)
-            continue
-        for k0 in range(0, K, CHUNK):
-            n = min(CHUNK, K - k0)
-            if want_dy:
-                _load_gv(x, xo + k0 * xs[2], xs[2], dy, do + k0 * ds[2], ds[2], n, xb, gb,
-                         mt[k0:], lt[k0:], rt[k0:], 1, wt[k0:], bt[k0:], 1, act)
-            else:
-                _gather(x, xo + k0 * xs[2], xs[2], n, xb)
-            _cols_sums(xb, gb, n, mt[k0:], lt[k0:], rt[k0:], want_dy, a0[k0:], a1[k0:], a2[k0:])
     base = c * (out.shape[0] // (3 * nchunks))
-    for i in range(K):
-        ci = (base + cbase + i * sk) * 3
-        out[ci] += a0[i]
-        out[ci + 1] += a1[i]
-        out[ci + 2] += a2[i]
+    tile = _stack_2d(6, TILE_ROW)
+    for k0 in range(0, K, TILE):
+        n = min(TILE, K - k0)
+        c0 = cbase + k0 * sk
+        for i in range(n):
+            tile[0, i], tile[1, i], tile[2, i] = mh[c0 + i * sk], ml[c0 + i * sk], rs[c0 + i * sk]
+            tile[3, i] = 0.0
+            tile[4, i] = 0.0
+            tile[5, i] = 0.0
+        for q in range(c * R1 // nchunks, (c + 1) * R1 // nchunks):
+            xo = xs[4] + o * xs[0] + q * xs[1] + k0 * xs[2]
+            do = ds[4] + o * ds[0] + q * ds[1] + k0 * ds[2]
+            if direct:
+                _cols_sums(x, xo, dy, do, n, tile, want_dy)
+                continue
+            if want_dy:
+                _load_gv(x, xo, xs[2], dy, do, ds[2], n, xb, gb, mh[c0:], ml[c0:], rs[c0:], sk,
+                         w[c0:], b[c0:], sk, act)
+            else:
+                _gather(x, xo, xs[2], n, xb)
+            _cols_sums(xb, 0, gb, 0, n, tile, want_dy)
+        for i in range(n):
+            ci = (base + c0 + i * sk) * 3
+            out[ci] += tile[3, i]
+            out[ci + 1] += tile[4, i]
+            out[ci + 2] += tile[5, i]
 
 
 @jit
-def _cells_task(t, x, dy, iv, mh, ml, rs, w, b, out):
+def _cells_task(t, x, dy, iv, mh, ml, rs, w, b, out, scratch):
     """Task t: (o, chunk) of the column form, or (o, k, chunk) of the inner-reduce form."""
     K, R0, nchunks = iv[2], iv[3], iv[_C_NCHUNKS]
-    xb = np.empty(CHUNK)
-    gb = np.empty(CHUNK)
+    xb, gb = scratch[0][0], scratch[0][1]
     if R0 == 1:
         _cell_cols(x, dy, iv, t // nchunks, t % nchunks, mh, ml, rs, w, b, out, xb, gb)
     else:
@@ -566,28 +585,20 @@ def _cells_task(t, x, dy, iv, mh, ml, rs, w, b, out):
 
 @jit
 def _cells_serial(ntasks, x, dy, iv, mh, ml, rs, w, b, out):
+    scratch = _scratch(x, CHUNK)
     for t in range(ntasks):
-        _cells_task(t, x, dy, iv, mh, ml, rs, w, b, out)
+        _cells_task(t, x, dy, iv, mh, ml, rs, w, b, out, scratch)
 
 
 @jit(parallel=True)
 def _cells_parallel(ntasks, x, dy, iv, mh, ml, rs, w, b, out):
     for t in prange(ntasks):
-        _cells_task(t, x, dy, iv, mh, ml, rs, w, b, out)
+        _cells_task(t, x, dy, iv, mh, ml, rs, w, b, out, _scratch(x, CHUNK))
 
 
 # ---------------------------------------------------------------- the elementwise dx pass
 @jit
-def _dx_chunk(x, g, out, n, svec, s, p, mh, ml, rs, a, bb, w, pvec):
-    """n dx values into out from x, g (statistics from s, per element with ``svec``)."""
-    if svec:
-        _dx_vec(x, g, out, n, mh[s:], ml[s:], rs[s:], a[s:], bb[s:], w[p:], pvec)
-    else:
-        _dx_span(x, g, out, n, mh[s], ml[s], rs[s], w[p:], pvec, a[s], bb[s])
-
-
-@jit
-def _dx_task(t, ntasks, x, dy, dx, iv, mh, ml, rs, a, bb, w, b):
+def _dx_task(t, ntasks, x, dy, dx, iv, mh, ml, rs, a, bb, w, b, scratch):
     """Inner rows [t*N/T, (t+1)*N/T) of the 4-d view (dims 0..2 flattened: N rows)."""
     n1, n2, n3 = iv[1], iv[2], iv[3]
     xs, ds, os, ss, ps = iv[4:9], iv[9:14], iv[14:19], iv[19:24], iv[24:29]
@@ -596,10 +607,9 @@ def _dx_task(t, ntasks, x, dy, dx, iv, mh, ml, rs, a, bb, w, b):
     svec = ss[3] == 1
     pvec = ps[3] == 1
     direct = act == 0 and xs[3] == 1 and ds[3] == 1
-    xb = np.empty(CHUNK)
-    gb = np.empty(CHUNK)
-    ob = _out_buf(dx, CHUNK)
-    hb = np.empty(CHUNK, np.uint16)
+    xb, gb = scratch[0][0], scratch[0][1]
+    ob, hb = scratch[1], scratch[2]
+    out, in_place = _target(dx, os[3], ob)
     for rr in range(t * nrows // ntasks, (t + 1) * nrows // ntasks):
         i2 = rr % n2
         i1 = (rr // n2) % n1
@@ -614,27 +624,34 @@ def _dx_task(t, ntasks, x, dy, dx, iv, mh, ml, rs, a, bb, w, b):
             s = so + c0 * ss[3]
             p = po + c0 * ps[3]
             oa = oo + c0 * os[3]
-            out = _target(dx, oa, os[3], n, ob)
-            if direct:
-                _dx_chunk(x[xo + c0:xo + c0 + n], dy[do + c0:do + c0 + n], out, n, svec, s, p, mh,
-                          ml, rs, a, bb, w, pvec)
-            else:
+            ot = oa if in_place else 0
+            if not direct:
                 _load_gv(x, xo + c0 * xs[3], xs[3], dy, do + c0 * ds[3], ds[3], n, xb, gb, mh[s:],
                          ml[s:], rs[s:], ss[3], w[p:], b[p:], ps[3], act)
-                _dx_chunk(xb, gb, out, n, svec, s, p, mh, ml, rs, a, bb, w, pvec)
-            _flush(dx, oa, os[3], n, ob, hb)
+            if svec and direct:
+                _dx_vec(x, xo + c0, dy, do + c0, out, ot, n, mh, ml, rs, a, bb, s, w, p, pvec)
+            elif svec:
+                _dx_vec(xb, 0, gb, 0, out, ot, n, mh, ml, rs, a, bb, s, w, p, pvec)
+            elif direct:
+                _dx_span(x, xo + c0, dy, do + c0, out, ot, n, mh[s], ml[s], rs[s], w, p, pvec, a[s],
+                         bb[s])
+            else:
+                _dx_span(xb, 0, gb, 0, out, ot, n, mh[s], ml[s], rs[s], w, p, pvec, a[s], bb[s])
+            if not in_place:
+                _flush(dx, oa, os[3], n, ob, hb)
 
 
 @jit
 def _dx_serial(ntasks, x, dy, dx, iv, mh, ml, rs, a, bb, w, b):
+    scratch = _scratch(dx, CHUNK)
     for t in range(ntasks):
-        _dx_task(t, ntasks, x, dy, dx, iv, mh, ml, rs, a, bb, w, b)
+        _dx_task(t, ntasks, x, dy, dx, iv, mh, ml, rs, a, bb, w, b, scratch)
 
 
 @jit(parallel=True)
 def _dx_parallel(ntasks, x, dy, dx, iv, mh, ml, rs, a, bb, w, b):
     for t in prange(ntasks):
-        _dx_task(t, ntasks, x, dy, dx, iv, mh, ml, rs, a, bb, w, b)
+        _dx_task(t, ntasks, x, dy, dx, iv, mh, ml, rs, a, bb, w, b, _scratch(dx, CHUNK))
 
 
 # ---------------------------------------------------------------- views
