@@ -86,10 +86,15 @@ def dact(v, act):
 # and is vectorized over the lanes j; the last n % (4*nl) elements go to their
 # lanes one by one (the same additions in the same order).
 @jit
+def _lane_blocks(lanes, n, nl):
+    """(lanes[0], lanes[1], lanes[2], the elements of n in whole blocks of 4*nl)."""
+    return lanes[0], lanes[1], lanes[2], n - n % (4 * nl)
+
+
+@jit
 def _lanes_center(x, n, mh, ml, lanes, nl):
     """lanes[0][i % nl] += (x[i] - mh) - ml."""
-    a0 = lanes[0]
-    nb = n - n % (4 * nl)
+    a0, _, _, nb = _lane_blocks(lanes, n, nl)
     for i in range(0, nb, 4 * nl):
         s = x[i:i + 4 * nl]
         for j in range(nl):
@@ -106,10 +111,7 @@ def _lanes_center(x, n, mh, ml, lanes, nl):
 def _lanes_cell(x, g, n, mh, ml, r, lanes, nl):
     """With ``c = (x[i] - mh) - ml``: lanes[0] += c, lanes[1] += g[i],
     lanes[2] += g[i] * (c * r) (lane i % nl)."""
-    a0 = lanes[0]
-    a1 = lanes[1]
-    a2 = lanes[2]
-    nb = n - n % (4 * nl)
+    a0, a1, a2, nb = _lane_blocks(lanes, n, nl)
     for i in range(0, nb, 4 * nl):
         xs = x[i:i + 4 * nl]
         gs = g[i:i + 4 * nl]
@@ -139,9 +141,7 @@ def _lanes_cell(x, g, n, mh, ml, r, lanes, nl):
 def _lanes_wsums(x, g, n, m, ml, r, w, lanes, nl):
     """Per-element parameters: with ``xh = ((x[i] - m) - ml) * r`` and ``t = w[i] * g[i]``,
     lanes[1] += t, lanes[2] += t * xh (lane i % nl)."""
-    a1 = lanes[1]
-    a2 = lanes[2]
-    nb = n - n % (4 * nl)
+    _, a1, a2, nb = _lane_blocks(lanes, n, nl)
     for i in range(0, nb, 4 * nl):
         xs = x[i:i + 4 * nl]
         gs = g[i:i + 4 * nl]
@@ -180,6 +180,12 @@ def _lane_total(a, nl):
     for j in range(nl):
         s = s + a[j]
     return s
+
+
+@jit
+def _at(st, i0, i1, i2):
+    """Element offset of index (i0, i1, i2, 0) with strides and start ``st`` (5 values)."""
+    return st[4] + i0 * st[0] + i1 * st[1] + i2 * st[2]
 
 
 @jit
@@ -463,10 +469,8 @@ def _rows_task(t, x, dy, dx, iv, mean, rstd, w, b, pacc, scratch):
         i0 = q // B1
         i1 = q % B1
         si = iv[_R_SOFF] + i0 * iv[_R_SS0] + i1 * iv[_R_SS1]
-        geo = (xs[4] + i0 * xs[0] + i1 * xs[1], xs[2], xs[3],
-               ds[4] + i0 * ds[0] + i1 * ds[1], ds[2], ds[3],
-               os[4] + i0 * os[0] + i1 * os[1], os[2], os[3],
-               ps[4] + i0 * ps[0] + i1 * ps[1], ps[2], K0, K1)
+        geo = (_at(xs, i0, i1, 0), xs[2], xs[3], _at(ds, i0, i1, 0), ds[2], ds[3],
+               _at(os, i0, i1, 0), os[2], os[3], _at(ps, i0, i1, 0), ps[2], K0, K1)
         st[0] = mean[si]
         st[2] = rstd[si]
         st[1] = _row_mean_lo(x, geo, st[0], direct, nl, lanes, xb) if refine else 0.0
@@ -507,8 +511,8 @@ def _cell_rows(x, dy, iv, o, k, c, mh, ml, rs, w, b, out, xb, gb, lanes):
     direct = act == 0 and xs[3] == 1 and ds[3] == 1
     _zero_lanes(lanes)
     for q in range(c * R1 // nchunks, (c + 1) * R1 // nchunks):
-        xo = xs[4] + o * xs[0] + q * xs[1] + k * xs[2]
-        do = ds[4] + o * ds[0] + q * ds[1] + k * ds[2]
+        xo = _at(xs, o, q, k)
+        do = _at(ds, o, q, k)
         if direct:
             if want_dy:
                 _lanes_cell(x[xo:xo + R0], dy[do:do + R0], R0, m0, m1, r, lanes, nl)
@@ -551,8 +555,8 @@ def _cell_cols(x, dy, iv, o, c, mh, ml, rs, w, b, out, xb, gb):
             tile[4, i] = 0.0
             tile[5, i] = 0.0
         for q in range(c * R1 // nchunks, (c + 1) * R1 // nchunks):
-            xo = xs[4] + o * xs[0] + q * xs[1] + k0 * xs[2]
-            do = ds[4] + o * ds[0] + q * ds[1] + k0 * ds[2]
+            xo = _at(xs, o, q, k0)
+            do = _at(ds, o, q, k0)
             if direct:
                 _cols_sums(x, xo, dy, do, n, tile, want_dy)
                 continue
@@ -614,11 +618,8 @@ def _dx_task(t, ntasks, x, dy, dx, iv, mh, ml, rs, a, bb, w, b, scratch):
         i2 = rr % n2
         i1 = (rr // n2) % n1
         i0 = rr // (n2 * n1)
-        so = ss[4] + i0 * ss[0] + i1 * ss[1] + i2 * ss[2]
-        po = ps[4] + i0 * ps[0] + i1 * ps[1] + i2 * ps[2]
-        xo = xs[4] + i0 * xs[0] + i1 * xs[1] + i2 * xs[2]
-        do = ds[4] + i0 * ds[0] + i1 * ds[1] + i2 * ds[2]
-        oo = os[4] + i0 * os[0] + i1 * os[1] + i2 * os[2]
+        so, po = _at(ss, i0, i1, i2), _at(ps, i0, i1, i2)
+        xo, do, oo = _at(xs, i0, i1, i2), _at(ds, i0, i1, i2), _at(os, i0, i1, i2)
         for c0 in range(0, n3, CHUNK):
             n = min(CHUNK, n3 - c0)
             s = so + c0 * ss[3]
