@@ -279,7 +279,8 @@ def _load_gv(x, xo, xst, dy, do, dst, n, xb, gb, mh, ml, rs, sst, w, b, pst, act
 
 
 def _out_buf(dx, n):
-    """Buffer for n dx values: float32 for float16 (rounded once more when stored), else dx's dtype."""
+    """Buffer for n dx values: float32 for float16 (rounded once more when stored), else
+    dx's dtype."""
     return np.empty(n, np.float32 if dx.dtype == np.uint16 else dx.dtype)
 
 
@@ -749,8 +750,8 @@ def dx_4d(x, xoff, dy, dyoff, dx, dxoff, mh, ml, rstd, a, bb, soff, w, b, poff, 
     xf, xs = _flat(x, xoff, shape, xstrides)
     df, ds = _flat(dy, dyoff, shape, dystrides)
     of, os = _flat(dx, dxoff, shape, dxstrides, writable=True)
-    iv = np.array(list(shape) + xs + ds + os + list(sstrides) + [soff] + list(pstrides) + [poff, act],
-                  dtype=np.int64)
+    iv = np.array(list(shape) + xs + ds + os + list(sstrides) + [soff] + list(pstrides)
+                  + [poff, act], dtype=np.int64)
     nrows = shape[0] * shape[1] * shape[2]
     ntasks = min(nrows, DX_TASKS)
     _launch(_dx_serial, _dx_parallel,
