@@ -399,7 +399,8 @@ def test_half_to_f64_is_exact_for_every_bit_pattern():
 
 
 def test_half_stores_round_like_numpy_and_agree(rng):
-    """Both float16 store routes (the F16C instruction, the integer route) against
+    """Both float16 store routes (_store_half: the F16C instruction where the CPU has it;
+    the integer route) against
     NumPy's float32 -> float16 rounding: every value near each float16 (the
     neighbours and midpoints of all 63488 finite halves, nudged by one float32 ulp
     either way), overflow, subnormals, ±0, ±inf, quiet NaN, and random bits."""
@@ -415,9 +416,13 @@ def test_half_stores_round_like_numpy_and_agree(rng):
     f = np.concatenate([near, special, rand[~np.isnan(rand)]])
     with np.errstate(over="ignore"):
         ref = f.astype(np.float16).view(np.uint16)
-    for store in (na._store_half_int, na._store_half_native if cn.NATIVE_HALF else None):
-        if store is None:
-            continue
+    @numba.njit
+    def integer_route(y, f):
+        u = f.view(np.uint32)
+        for i in range(f.shape[0]):
+            y[i] = na._f32_bits_to_half(u[i], f[i])
+
+    for store in (na._store_half, integer_route):
         got = np.empty(f.shape, np.uint16)
         store(got, f)
         np.testing.assert_array_equal(got, ref)
@@ -573,3 +578,154 @@ def test_scale_rows_kernel_is_bitwise_cython(dtype, sper, act, nthreads, rng):
                        psub, pmod, pmul, act, nthreads)
         outs.append(y)
     np.testing.assert_array_equal(outs[0].view(np.uint8), outs[1].view(np.uint8))
+
+# ------------------------------------------------------------------ backward (_numba_backward)
+def _backward_call(case, x, dy, rng, act=None):
+    """(function of backend) for a backward case on x / dy (statistics from the Cython forward)."""
+    if case in ("layer", "rms"):
+        L = x.shape[-1]
+        w, b = rng.standard_normal(L), rng.standard_normal(L)
+        if case == "rms":
+            r = cnorm.rms_norm(x, -1, w, activation=act, return_stats=True)[1]
+            return lambda be, **kw: cnorm.rms_norm_backward(dy, x, r, w, activation=act, backend=be,
+                                                            **kw)
+        m, r = cnorm.layer_norm(x, -1, w, b, activation=act, return_stats=True)[1:]
+        return lambda be, **kw: cnorm.layer_norm_backward(dy, x, m, r, w, b, activation=act,
+                                                          backend=be, **kw)
+    axis = -1 if case.endswith("nhwc") else 1
+    C = x.shape[axis]
+    w, b = rng.standard_normal(C), rng.standard_normal(C)
+    if case.startswith("group"):
+        m, r = cnorm.group_norm(x, 2, w, b, axis=axis, activation=act, return_stats=True)[1:]
+        return lambda be, **kw: cnorm.group_norm_backward(dy, x, m, r, 2, w, b, axis=axis,
+                                                          activation=act, backend=be, **kw)
+    layer = "instance_norm" if case.startswith("instance") else "batch_norm"
+    m, r = getattr(cnorm, layer)(x, w, b, axis=axis, activation=act, return_stats=True)[1:]
+    bwd = getattr(cnorm, layer + "_backward")
+    return lambda be, **kw: bwd(dy, x, m, r, w, b, axis=axis, activation=act, backend=be, **kw)
+
+
+BACKWARD_SHAPES = {"layer": (37, 203), "rms": (37, 203), "batch": (5, 6, 9, 11),
+                   "group": (5, 8, 9, 11), "instance": (5, 6, 9, 11), "batch nhwc": (5, 9, 11, 6),
+                   "instance nhwc": (5, 9, 11, 6), "group nhwc": (3, 4, 5, 8),
+                   "batch wide nhwc": (4, 3, 5, 300),   # more channels than a column tile
+                   "batch cells": (2, 3, 256, 300)}   # few, long channels: the inner-reduce cells
+
+
+def _bits(a):
+    return np.ascontiguousarray(np.atleast_1d(a)).view(np.uint8)
+
+
+@need_cython
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("case", list(BACKWARD_SHAPES))
+def test_backward_contiguous_matches_cython_bitwise(dtype, case, rng):
+    """Contiguous float32/float64, no activation: the Numba loops read x and dy straight
+    from memory and sum in the Cython kernels' 16 lanes, so dx, dweight and dbias are
+    bitwise Cython's (offset data: the centred sums matter)."""
+    x = (rng.standard_normal(BACKWARD_SHAPES[case]) * 3 + 50).astype(dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    call = _backward_call(case, x, dy, rng)
+    for got, ref in zip(call("numba"), call("cython")):
+        assert got.dtype == ref.dtype and got.shape == ref.shape
+        np.testing.assert_array_equal(_bits(got), _bits(ref))
+
+
+def _layouts_of(x0, dy0):
+    """(name, x, dy) with the values of x0 / dy0: C order, then layouts whose inner axis is
+    strided (the gathered path) with the elements of each slice in the same order."""
+    yield "C", x0, dy0
+    yield "F", np.asfortranarray(x0), np.asfortranarray(dy0)
+    wide = x0.shape[:-1] + (2 * x0.shape[-1],)
+    big_x, big_dy = np.zeros(wide, x0.dtype), np.zeros(wide, dy0.dtype)
+    big_x[..., ::2], big_dy[..., ::2] = x0, dy0
+    yield "every other", big_x[..., ::2], big_dy[..., ::2]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("case", ["layer", "rms", "batch nhwc", "group nhwc", "batch wide nhwc"])
+def test_backward_strided_is_bitwise_the_contiguous_path(dtype, case, rng):
+    """A strided inner axis takes the gathered fallback (CHUNK buffers): the same lanes in
+    the same order as the direct path, so the same bits (rows: F order and every other
+    element; channels-last cells: every other channel)."""
+    x0 = (rng.standard_normal(BACKWARD_SHAPES[case]) * 3 + 50).astype(dtype)
+    dy0 = rng.standard_normal(x0.shape).astype(dtype)
+    ref = None
+    for name, x, dy in _layouts_of(x0, dy0):
+        if name == "F" and case.endswith("nhwc"):
+            continue   # channels first in memory: another plan, another order
+        got = _backward_call(case, x, dy, np.random.default_rng(1))("numba")
+        if ref is None:
+            ref = got
+            continue
+        for g, r in zip(got, ref):
+            np.testing.assert_array_equal(_bits(g), _bits(r), err_msg=name)
+
+
+@need_cython
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("act", [None, "relu", "gelu", "silu"], ids=str)
+@pytest.mark.parametrize("case", ["layer", "rms", "batch", "instance", "batch nhwc", "group nhwc",
+                                  "batch wide nhwc", "batch cells"])
+def test_backward_matches_cython(dtype, act, case, rng):
+    """Every path (float16; activations through the gathered buffers; strided layouts)
+    against Cython: dx within 1 ulp of the dtype (float16/float32: one rounding of
+    float64 values that agree to the last bits), float64 to 1e-13 of the slice scale."""
+    shape = BACKWARD_SHAPES[case] if case != "batch cells" else (2, 3, 64, 600)
+    x0 = (rng.standard_normal(shape) * 3 + 20).astype(dtype)
+    dy0 = rng.standard_normal(x0.shape).astype(dtype)
+    for name, x, dy in _layouts_of(x0, dy0):
+        call = _backward_call(case, x, dy, np.random.default_rng(2), act)
+        for k, (got, ref) in enumerate(zip(call("numba"), call("cython"))):
+            assert got.dtype == ref.dtype and got.shape == ref.shape
+            g64, r64 = got.astype(np.float64), ref.astype(np.float64)
+            if k == 0 and dtype != np.float64:
+                np.testing.assert_array_max_ulp(got, ref, maxulp=1)
+            else:
+                scale = np.max(np.abs(r64))
+                assert np.max(np.abs(g64 - r64)) <= 1e-13 * scale, (name, k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("case", ["layer", "rms"])
+def test_backward_small_call_is_bitwise_the_general_path(dtype, case, rng):
+    """backend="numba" small calls skip the planning (the small backward entry) and give
+    the bits of the general path (taken with out=)."""
+    x = (rng.standard_normal((33, 130)) * 3 + 50).astype(dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    call = _backward_call(case, x, dy, rng)
+    small = call("numba", num_threads=1)
+    general = call("numba", out=np.empty_like(x))
+    for s, g in zip(small, general):
+        np.testing.assert_array_equal(_bits(s), _bits(g))
+
+
+def test_backward_threads_give_identical_bits(rng):
+    """A shape-only work partition: 1 and 2 threads give the same bits (rows, cells, dx)."""
+    for case, shape in (("layer", (300, 700)), ("batch nhwc", (40, 30, 20, 16)),
+                        ("batch cells", (2, 3, 256, 300))):
+        x = (rng.standard_normal(shape) + 4).astype(np.float32)
+        dy = rng.standard_normal(shape).astype(np.float32)
+        call = _backward_call(case, x, dy, np.random.default_rng(3), "gelu")
+        for a, b in zip(call("numba", num_threads=1), call("numba", num_threads=2)):
+            np.testing.assert_array_equal(_bits(a), _bits(b))
+
+
+def test_store_half_hardware_route_matches_integer_route():
+    """_store_half (LLVM fptrunc where the CPU has F16C) against the integer route on a
+    sample of every float32 bit pattern: the same bits; NaN stays a NaN."""
+    from cnorm import _numba_apply as na
+
+    @numba.njit
+    def integer_route(y, f):
+        u = f.view(np.uint32)
+        for i in range(f.shape[0]):
+            y[i] = na._f32_bits_to_half(u[i], f[i])
+
+    f = np.arange(0, 2 ** 32, 997, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    got, ref = np.empty(f.size, np.uint16), np.empty(f.size, np.uint16)
+    na._store_half(got, f)
+    integer_route(ref, f)
+    nan = np.isnan(f)
+    np.testing.assert_array_equal(got[~nan], ref[~nan])
+    assert np.all(np.isnan(got[nan].view(np.float16)))

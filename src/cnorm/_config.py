@@ -145,7 +145,12 @@ def small_call_allowed(backend, num_threads) -> bool:
     or a valid one (results never depend on threads).  Anything else goes to the
     general path, which validates it."""
     return (HAVE_EXTENSION and type(backend) is str and (backend == "auto" or backend == "cython")
-            and (num_threads is None or (type(num_threads) is int and num_threads > 0)))
+            and small_threads_allowed(num_threads))
+
+
+def small_threads_allowed(num_threads) -> bool:
+    """No thread count or a valid one (what a small-call entry accepts)."""
+    return num_threads is None or (type(num_threads) is int and num_threads > 0)
 
 
 # ------------------------------------------------------------------ caches

@@ -16,10 +16,10 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from ._numba import NATIVE_HALF
-from ._numba_policy import jit
+from ._numba_policy import OVERLOAD_OPTIONS, jit
 
 _HALF_TABLE = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float64)
 
@@ -125,17 +125,8 @@ def _f32_bits_to_half(x, f):
     return np.uint16(sign | (ax >> np.uint32(13)))
 
 
-@jit
-def _store_half_int(yr, fbuf):
-    """yr[i] = float16 bits of the float32 values fbuf[i] (nearest-even, integer ops)."""
-    ubuf = fbuf.view(np.uint32)
-    for i in range(fbuf.shape[0]):
-        yr[i] = _f32_bits_to_half(ubuf[i], fbuf[i])
-
-
 @intrinsic
 def _llvm_f32_to_half_bits(typingctx, f):
-    """LLVM's ``fptrunc float to half``: one vcvtps2ph (vectorized in loops) with F16C."""
     sig = types.uint16(types.float32)
 
     def codegen(context, builder, signature, args):
@@ -143,17 +134,27 @@ def _llvm_f32_to_half_bits(typingctx, f):
     return sig, codegen
 
 
+def _f32_to_half(x, f):
+    """binary16 bits of the float32 ``f`` (bits ``x``), nearest-even."""
+    return np.uint16(np.float32(f).astype(np.float16).view(np.uint16))
+
+
+@overload(_f32_to_half, jit_options=OVERLOAD_OPTIONS)
+def _f32_to_half_impl(x, f):
+    # LLVM's ``fptrunc float to half`` (F16C's vcvtps2ph, vectorizable) where the CPU
+    # has it, the integer route otherwise: the same bits, but for the payload of a NaN
+    # (a quiet NaN either way; the hardware keeps the payload's top bits, as in Cython)
+    if NATIVE_HALF:
+        return lambda x, f: _llvm_f32_to_half_bits(np.float32(f))
+    return lambda x, f: _f32_bits_to_half(x, f)
+
+
 @jit
-def _store_half_native(yr, fbuf):
-    """yr[i] = float16 bits of the float32 values fbuf[i], by the F16C instruction
-    (nearest-even in the default rounding mode; NaN payloads kept as the Cython
-    kernels' F16C conversion keeps them).  3x faster than the integer route."""
+def _store_half(yr, fbuf):
+    """yr[i] = float16 bits of the float32 values fbuf[i] (nearest-even, as F16C)."""
+    ubuf = fbuf.view(np.uint32)
     for i in range(np.uint64(fbuf.shape[0])):
-        yr[i] = _llvm_f32_to_half_bits(fbuf[i])
-
-
-#: float16 stores: the hardware conversion where the CPU has it (see NATIVE_HALF)
-_store_half = _store_half_native if NATIVE_HALF else _store_half_int
+        yr[i] = _f32_to_half(ubuf[i], fbuf[i])
 
 
 @jit(parallel=True)

@@ -140,17 +140,21 @@ def _row_views(x, y, R, L, xrs, yrs):
     return xv, yv, half
 
 
-def _launch(serial, parallel, args, R, L, nthreads):
-    """The serial kernel below SERIAL_WORK elements or for one row, else the
-    parallel one on min(nthreads, NUMBA_NUM_THREADS) threads, over 8 blocks of rows
-    per thread (rows are independent: the split does not change results; a block
-    allocates its float16 row buffer once)."""
-    nt = max(1, min(int(nthreads), _max_threads())) if R * L >= SERIAL_WORK and R > 1 else 1
+def _launch(serial, parallel, args, tasks, work, nthreads, min_work=SERIAL_WORK, blocks=False):
+    """``serial(*args)`` below ``min_work`` elements of work or for one task, else
+    ``parallel(*args)`` on min(nthreads, NUMBA_NUM_THREADS) threads.  With
+    ``blocks``, the parallel kernel also gets a block count, 8 per thread, to split
+    its independent tasks (rows) into: the split does not change results, and a
+    block allocates its float16 row buffer once."""
+    nt = max(1, min(int(nthreads), _max_threads())) if work >= min_work and tasks > 1 else 1
     if nt == 1:
         serial(*args)
     else:
         with _numba_threads(nt):
-            parallel(*args, min(R, 8 * nt))
+            if blocks:
+                parallel(*args, min(tasks, 8 * nt))
+            else:
+                parallel(*args)
 
 
 def _f64(a):
@@ -167,7 +171,7 @@ def norm_rows(x, y, R, L, xrs, yrs, eps, mode, w, b, psub, pmod, pmul, act, mean
     xv, yv, half = _row_views(x, y, R, L, xrs, yrs)
     _launch(_rows_serial, _rows_parallel,
             (xv, yv, float(eps), int(mode), _f64(w), _f64(b), int(psub), int(pmod), int(pmul),
-             int(act), mean, var, half), R, L, nthreads)
+             int(act), mean, var, half), R, R * L, nthreads, blocks=True)
 
 
 # ------------------------------------------------------------------ scale_rows (batch norm's output pass)
@@ -255,4 +259,4 @@ def scale_rows(x, y, R, L, xrs, yrs, mh, ml, rs, smod, sper, w, b, psub, pmod, p
     xv, yv, half = _row_views(x, y, R, L, xrs, yrs)
     _launch(_scale_serial, _scale_parallel,
             (xv, yv, _f64(mh), _f64(ml), _f64(rs), int(smod), bool(sper), _f64(w), _f64(b),
-             int(psub), int(pmod), int(pmul), int(act), half), R, L, nthreads)
+             int(psub), int(pmod), int(pmul), int(act), half), R, R * L, nthreads, blocks=True)

@@ -550,21 +550,34 @@ def _small_grad(g, p):
     return None if p is None else (g if p.dtype == _F64 else g.astype(p.dtype))
 
 
+def _small_kernels(backend, num_threads):
+    """The kernel module of a small call: the Cython one where ``small_call_allowed``,
+    the Numba one for ``backend="numba"`` (with a valid thread count: small calls run
+    serially, results never depend on threads), else None."""
+    if _config.small_call_allowed(backend, num_threads):
+        return _config.family("_backward")
+    if (type(backend) is str and backend == "numba" and _config.small_threads_allowed(num_threads)
+            and _config.have_numba()):
+        return _kernels("numba")
+    return None
+
+
 def _small_arrays(dy, x, axis, activation, out, backend, num_threads, min_ndim):
-    """Whether a backward call may take a small path: C-contiguous, aligned x and dy of
-    one float dtype and shape with fewer than ``_SMALL`` elements, the given axis -1
-    (rows) or 1 (channels), no activation, no ``out``, the compiled backend."""
-    return (activation is None and out is None and type(axis) is int
-            and _config.small_call_allowed(backend, num_threads)
+    """The kernel module (``_small_kernels``) when a backward call may take a small
+    path, else None: C-contiguous, aligned x and dy of one float dtype and shape
+    with fewer than ``_SMALL`` elements, an int axis, no activation, no ``out``."""
+    if not (activation is None and out is None and type(axis) is int
             and type(x) is np.ndarray and type(dy) is np.ndarray and x.dtype in _NATIVE_F
             and dy.dtype == x.dtype and x.shape == dy.shape and x.ndim >= min_ndim
             and 0 < x.size < _SMALL and x.flags.c_contiguous and dy.flags.c_contiguous
-            and x.flags.aligned and dy.flags.aligned)
+            and x.flags.aligned and dy.flags.aligned):
+        return None
+    return _small_kernels(backend, num_threads)
 
 
-def _small_kernel(x, dy, row_dims, batch_dims, mean, rstd, wv, bv, want, mode, refine, weight,
-                  bias, min_segment=1):
-    """The rows kernel on x/dy with the rows and batch dims of the general path
+def _small_kernel(mod, x, dy, row_dims, batch_dims, mean, rstd, wv, bv, want, mode, refine,
+                  weight, bias, min_segment=1):
+    """The rows kernel of ``mod`` on x/dy with the rows and batch dims of the general path
     (``[size, [x, dy, dx, stat, param element strides]]``, outermost first; size-1
     dims are dropped, the rest merged and padded as ``_plan_rows`` does); returns
     ``(dx, dweight, dbias)``, or None when the general path would not take the rows
@@ -582,7 +595,7 @@ def _small_kernel(x, dy, row_dims, batch_dims, mean, rstd, wv, bv, want, mode, r
     st = [tuple(d[1][k] * (item if k < 3 else 1) for d in batch + rows) for k in range(5)]
     pacc = _param_acc(R, K, wv.size) if want else None
     dx = np.empty_like(x)
-    _config.family("_backward").rows_backward(
+    mod.rows_backward(
         x, 0, dy, 0, dx, 0, (batch[0][0], batch[1][0], rows[0][0], rows[1][0]), st[0], st[1],
         st[2], mean.reshape(-1), rstd.reshape(-1), 0, st[3][:2], wv, bv, 0, st[4], pacc, mode,
         refine, 0, 1)
@@ -612,7 +625,8 @@ def _small_rows_backward(dy, x, mean, rstd, weight, bias, axis, activation, out,
     the rows kernel with the plan the general path makes for it, skipping the
     planning; None when it does not apply.  Same kernel, same arguments, so bitwise
     the same results (tested)."""
-    if not (_small_arrays(dy, x, axis, activation, out, backend, num_threads, 1) and axis == -1):
+    mod = _small_arrays(dy, x, axis, activation, out, backend, num_threads, 1)
+    if mod is None or axis != -1:
         return None
     L = x.shape[-1]
     R = x.size // L
@@ -623,8 +637,8 @@ def _small_rows_backward(dy, x, mean, rstd, weight, bias, axis, activation, out,
     wv, bv, want = _small_params(weight, bias, L)
     pe = 1 if want else 0
     m = np.zeros(R) if mode == MODE_RMS else mean
-    return _small_kernel(x, dy, [[L, [1, 1, 1, 0, pe]]], [[R, [L, L, L, 1, 0]]], m, rstd, wv, bv,
-                         want, mode, x.dtype == _F64 and mode != MODE_RMS, weight, bias)
+    return _small_kernel(mod, x, dy, [[L, [1, 1, 1, 0, pe]]], [[R, [L, L, L, 1, 0]]], m, rstd, wv,
+                         bv, want, mode, x.dtype == _F64 and mode != MODE_RMS, weight, bias)
 
 
 def _small_channel_backward(kind, dy, x, mean, rstd, weight, bias, groups, training, axis,
@@ -635,8 +649,8 @@ def _small_channel_backward(kind, dy, x, mean, rstd, weight, bias, groups, train
     the rows kernel with the plan the general path makes; None when it does not
     apply (the general path then runs, or takes the per-cell kernels for this
     layout).  Bitwise the general path's results (tested)."""
-    if not (_small_arrays(dy, x, axis, activation, out, backend, num_threads, 3) and axis == 1
-            and type(training) is bool):
+    mod = _small_arrays(dy, x, axis, activation, out, backend, num_threads, 3)
+    if mod is None or axis != 1 or type(training) is not bool:
         return None
     N, C = x.shape[0], x.shape[1]
     HW = x.size // (N * C)
@@ -657,12 +671,12 @@ def _small_channel_backward(kind, dy, x, mean, rstd, weight, bias, groups, train
     wv, bv, want = _small_params(weight, bias, C)
     pe = 1 if want else 0
     if kind == "batch":   # slice = channel (N segments of HW), parameter per channel
-        return _small_kernel(x, dy, [[N, [C * HW] * 3 + [0, 0]], [HW, [1, 1, 1, 0, 0]]],
+        return _small_kernel(mod, x, dy, [[N, [C * HW] * 3 + [0, 0]], [HW, [1, 1, 1, 0, 0]]],
                              [[C, [HW] * 3 + [1, pe]]], mean, rstd, wv, bv, want,
                              MODE_CENTER if training else MODE_EVAL,
                              training and x.dtype == _F64, weight, bias, min_segment=64)
     Cg = C // G           # slice = (sample, group): Cg segments of HW, parameter per segment
-    return _small_kernel(x, dy, [[Cg, [HW] * 3 + [0, pe]], [HW, [1, 1, 1, 0, 0]]],
+    return _small_kernel(mod, x, dy, [[Cg, [HW] * 3 + [0, pe]], [HW, [1, 1, 1, 0, 0]]],
                          [[N, [C * HW] * 3 + [G, 0]], [G, [Cg * HW] * 3 + [1, Cg * pe]]],
                          mean, rstd, wv, bv, want, MODE_CENTER, x.dtype == _F64, weight, bias,
                          min_segment=64)
