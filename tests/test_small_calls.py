@@ -109,9 +109,14 @@ def test_small_path_is_bitwise_the_general_path(isa, name, shape, dtype, rng, mo
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: d.__name__)
-def test_small_path_with_float64_affine(isa, dtype, rng, monkeypatch):
+@pytest.mark.parametrize("pdtype", ["float16", "float32", "float64", "strided float64"])
+def test_small_path_with_affine(isa, dtype, pdtype, rng, monkeypatch):
+    """Float parameters of any float dtype and layout take the entry (converted to
+    float64 exactly, as the general path converts them)."""
     x = _data((9, 40), dtype, rng)
-    w, b = rng.standard_normal(40), rng.standard_normal(40)
+    w, b = rng.standard_normal(80)[::2], rng.standard_normal(80)[::2]
+    if pdtype != "strided float64":
+        w, b = w.astype(pdtype), b.astype(pdtype)
     for kw in ({"weight": w}, {"bias": b}, {"weight": w, "bias": b}):
         general = G(cnorm.layer_norm, x, **kw)
         handled = _spy(monkeypatch)
@@ -131,14 +136,14 @@ def test_special_values_stay_in_their_row_on_the_small_path(rng):
     _same(y, G(cnorm.layer_norm, x))
 
 
-@pytest.mark.parametrize("case", ["float32 weight", "strided x", "fortran x", "list x",
+@pytest.mark.parametrize("case", ["int weight", "strided x", "fortran x", "list x",
                                   "axis 0", "partial overlap", "activation",
                                   "int x", "strided out"])
 def test_ineligible_calls_take_the_general_path(case, rng, monkeypatch):
     x = _data((16, 32), np.float64, rng)
     kw, call_x = {}, x
-    if case == "float32 weight":
-        kw["weight"] = np.ones(32, np.float32)
+    if case == "int weight":
+        kw["weight"] = np.ones(32, np.int64)
     elif case == "strided x":
         call_x = _data((16, 64), np.float64, rng)[:, ::2]
     elif case == "fortran x":
@@ -460,6 +465,7 @@ def _bn_calls(x, axis, rng):
     C = x.shape[axis]
     w, b = rng.standard_normal(C), rng.standard_normal(C)
     return [{}, {"weight": w}, {"bias": b}, {"weight": w, "bias": b},
+            {"weight": w.astype(np.float32), "bias": b.astype(np.float16)},
             {"weight": w, "bias": b, "running_mean": "rm", "running_var": "rv"},
             {"running_var": "rv", "momentum": 0.25},
             {"running_mean": "rm32", "running_var": "rv32", "momentum": 0.5}]
@@ -514,7 +520,7 @@ def test_special_values_stay_in_their_channel_on_the_small_batch_norm(rng):
     _same(y, G(cnorm.batch_norm, x))
 
 
-@pytest.mark.parametrize("case", ["eval", "activation", "return_stats", "axis 2", "float32 weight",
+@pytest.mark.parametrize("case", ["eval", "activation", "return_stats", "axis 2", "int weight",
                                   "strided x", "fortran x", "list x", "int x", "1-d",
                                   "list running", "read-only running", "int momentum",
                                   "partial overlap", "np axis"])
@@ -530,8 +536,8 @@ def test_ineligible_batch_norms_take_the_general_path(case, rng, monkeypatch):
         kw["return_stats"] = True
     elif case == "axis 2":
         kw["axis"] = 2
-    elif case == "float32 weight":
-        kw["weight"] = np.ones(4, np.float32)
+    elif case == "int weight":
+        kw["weight"] = np.ones(4, np.int64)
     elif case == "strided x":
         call_x = _data((6, 8, 5, 5), np.float64, rng)[:, ::2]
     elif case == "fortran x":
@@ -608,7 +614,8 @@ def test_small_group_and_instance_norm_are_bitwise_the_general_path(isa, shape, 
     x = _data(shape, dtype, rng, offset=300.0 if dtype != np.float16 else 10.0)
     C = shape[1]
     w, b = rng.standard_normal(C), rng.standard_normal(C)
-    params = [{}, {"weight": w}, {"bias": b}, {"weight": w, "bias": b}]
+    params = [{}, {"weight": w}, {"bias": b}, {"weight": w, "bias": b},
+              {"weight": w.astype(x.dtype), "bias": b.astype(x.dtype)}]
     calls = [(cnorm.group_norm, (groups,), kw) for kw in params]
     if groups == C:
         calls += [(cnorm.instance_norm, (), kw) for kw in params]
@@ -625,7 +632,7 @@ def test_small_group_and_instance_norm_are_bitwise_the_general_path(isa, shape, 
     assert handled == [True] * (2 * len(calls) + 1)
 
 
-@pytest.mark.parametrize("case", ["channels last", "activation", "return_stats", "float32 weight",
+@pytest.mark.parametrize("case", ["channels last", "activation", "return_stats", "int weight",
                                   "strided x", "list x", "np groups", "instance running",
                                   "instance eval", "1-d"])
 def test_ineligible_group_norms_take_the_general_path(case, rng, monkeypatch):
@@ -637,8 +644,8 @@ def test_ineligible_group_norms_take_the_general_path(case, rng, monkeypatch):
         kw["activation"] = "relu"
     elif case == "return_stats":
         kw["return_stats"] = True
-    elif case == "float32 weight":
-        kw["weight"] = np.ones(4, np.float32)
+    elif case == "int weight":
+        kw["weight"] = np.ones(4, np.int64)
     elif case == "strided x":
         call_x = _data((6, 8, 5, 5), np.float64, rng)[:, ::2]
     elif case == "list x":

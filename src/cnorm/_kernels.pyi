@@ -70,7 +70,7 @@ def norm_rows_contig(
     out: object,                         # None or an ndarray like x (may be x)
     eps: float,                          # double
     mode: int,                           # int: 0 layer/group norm, 1 RMS norm
-    weight: object, bias: object,        # None or float64 C-contiguous (L,) / (C,) arrays
+    weight: object, bias: object,        # None or float16/32/64 (L,) / (C,) arrays
     groups: int,                         # Py_ssize_t: 0 last axis; > 0 groups of axis 1 (N, C, ...)
     nthreads: int,                       # int: the resolved thread count
 ) -> np.ndarray | None: ...              # the output, or None: not eligible (use the general path)
@@ -79,7 +79,7 @@ def batch_norm_contig(
     out: object,                         # None or an ndarray like x (may be x)
     channels_last: bool,                 # bint: channel axis last (else axis 1)
     eps: float,                          # double
-    weight: object, bias: object,        # None or float64 C-contiguous (C,) arrays
+    weight: object, bias: object,        # None or float16/32/64 (C,) arrays
     nthreads: int,                       # int: the resolved thread count
 ) -> tuple[np.ndarray, npt.NDArray[np.float64]] | None: ...  # (y, (4, C) mean hi/lo, var, rstd)
 def moments_contig(

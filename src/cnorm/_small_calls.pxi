@@ -16,14 +16,20 @@ cdef inline bint rows_eligible(object a, int typenum) noexcept:
 
 
 cdef inline object param_row(object p, Py_ssize_t L, double fill):
-    """An affine parameter for the small-call path: a float64 (L,) array, or None
-    when p is not a plain float64 vector of length L (the caller then takes the
-    general path, which validates and converts)."""
+    """An affine parameter for the C entries: a C-contiguous float64 (L,) array
+    (``fill`` everywhere for None; float16 / float32 vectors converted, exactly, as
+    the general path converts them), or None when p is not a float ndarray of shape
+    (L,) (the caller then takes the general path, which validates and converts)."""
     if p is None:
         return np.full(L, fill)
-    if (rows_eligible(p, cnp.NPY_FLOAT64) and cnp.PyArray_NDIM(<cnp.ndarray>p) == 1
-            and cnp.PyArray_DIM(<cnp.ndarray>p, 0) == L):
+    if type(p) is not cnp.ndarray or cnp.PyArray_NDIM(<cnp.ndarray>p) != 1 \
+            or cnp.PyArray_DIM(<cnp.ndarray>p, 0) != L:
+        return None
+    cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>p)
+    if t == cnp.NPY_FLOAT64 and rows_eligible(p, t):
         return p
+    if t == cnp.NPY_FLOAT64 or t == cnp.NPY_FLOAT32 or t == cnp.NPY_FLOAT16:
+        return np.ascontiguousarray(p, dtype=np.float64)
     return None
 
 
@@ -63,8 +69,8 @@ def norm_rows_contig(object x, object out, double eps, int mode, object weight, 
     == C``): each (sample, group) is one contiguous row, ``weight``/``bias`` of
     length C.  Eligible: x an exact ndarray, float16/32/64, C-contiguous,
     aligned, native byte order, ``0 < x.size``; ``out`` None or an array like x
-    that is x itself or does not overlap it; ``weight``/``bias`` None or float64
-    C-contiguous vectors; ``groups`` dividing C.  The rows and parameter
+    that is x itself or does not overlap it; ``weight``/``bias`` None or float
+    vectors (``param_row``); ``groups`` dividing C.  The rows and parameter
     indexing are those the general path gives the same kernel, so the result
     is bitwise the same.  ``nthreads``: the thread count the caller resolved
     (results do not depend on it).  Returns the output, or None when the call
@@ -302,8 +308,8 @@ def batch_norm_contig(object x, object out, bint channels_last, double eps, obje
     Eligible: x an exact, aligned, native-order, C-contiguous float16/32/64
     ndarray with ``2 <= x.ndim <= 32`` and more than one value per channel;
     the channel axis is the last (``channels_last``) or axis 1; ``out`` as in
-    ``norm_rows_contig``; ``weight``/``bias`` None or float64 C-contiguous
-    vectors of the channel count.  The statistics are those of
+    ``norm_rows_contig``; ``weight``/``bias`` None or float vectors of the
+    channel count (``param_row``).  The statistics are those of
     ``moments_contig`` over every axis but the channel one (the general path's
     plan) and the output pass is the general path's ``scale_rows`` call, so the
     result is bitwise the same.  ``nthreads``: as in ``moments_contig``.

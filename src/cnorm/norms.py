@@ -251,7 +251,7 @@ def _expand(p, axis_positions, ndim):
 # ------------------------------------------------------------------ small-call fast path
 def _small_call(x, axis, out, eps, mode, weight, bias, activation, return_stats, backend,
                 num_threads):
-    """The common layer/RMS norm call (last axis, defaults, float64 or no affine)
+    """The common layer/RMS norm call (last axis, defaults, float or no affine)
     straight to ``norm_rows_contig``; None when it does not apply (the general
     path then runs).
 
@@ -272,7 +272,7 @@ def _small_call(x, axis, out, eps, mode, weight, bias, activation, return_stats,
 
 def _small_group_call(x, groups, axis, out, eps, weight, bias, activation, return_stats, backend,
                       num_threads):
-    """The common group/instance norm call (NCHW, defaults, float64 or no affine;
+    """The common group/instance norm call (NCHW, defaults, float or no affine;
     ``groups`` is ``_PER_CHANNEL`` for instance norm) straight to
     ``norm_rows_contig``; None when it does not apply (the general path then runs)."""
     if not (activation is None and return_stats is False and type(axis) is int and axis == 1
@@ -471,7 +471,7 @@ def _update_running(running_mean, running_var, mean, var_unbiased, momentum):
 
 def _small_batch_norm(x, weight, bias, axis, running_mean, running_var, training, momentum, eps,
                       activation, out, return_stats, backend, num_threads):
-    """The common training call (C-contiguous x, channel axis 1 or last, float64
+    """The common training call (C-contiguous x, channel axis 1 or last, float
     or no affine, plain running statistics or none, defaults otherwise) through
     the kernel entry ``batch_norm_contig``; None when it does not apply (the
     general path then runs).  Bitwise the general path's output and running
