@@ -678,3 +678,13 @@ def test_small_group_norm_errors_are_those_of_the_general_path(bad, rng):
     kw = {"num_groups": 2} | bad
     with pytest.raises((TypeError, ValueError)):
         cnorm.group_norm(x, **kw)
+
+
+@pytest.mark.parametrize("name", ["batch_norm", "instance_norm"])
+@pytest.mark.parametrize("bad", [None, 2.0, -0.5, float("nan"), "0.1", True])
+def test_momentum_is_checked_without_running_statistics(name, bad, rng):
+    """The general path validates momentum even when there are no running statistics
+    to update; the C entries decline such calls, so the same errors come out."""
+    x = _data((6, 4, 5, 5), np.float32, rng)
+    with pytest.raises((TypeError, ValueError), match="momentum"):
+        getattr(cnorm, name)(x, momentum=bad)

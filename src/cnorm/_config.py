@@ -24,6 +24,8 @@ import importlib
 import os
 import threading
 
+import numpy as np
+
 __all__ = ["set_num_threads", "get_num_threads", "show_config"]
 
 _ISA_MODULES = {"baseline": "cnorm._kernels", "avx2": "cnorm._kernels_avx2",
@@ -146,6 +148,17 @@ def small_call_allowed(backend, num_threads) -> bool:
     general path, which validates it."""
     return (HAVE_EXTENSION and type(backend) is str and (backend == "auto" or backend == "cython")
             and small_threads_allowed(num_threads))
+
+
+def run_entry(entry, x, num_threads, *args):
+    """``entry(x, *args, nthreads)``: a C entry of the compiled kernels, with the
+    thread count of a call slot when x is large enough for threads (as the
+    general path takes it), else 1 without the slot's bookkeeping (the kernels
+    run serially below ``SERIAL_WORK_ELEMENTS`` anyway)."""
+    if type(x) is np.ndarray and x.size >= kernels.SERIAL_WORK_ELEMENTS:
+        with call_slot(num_threads) as nthreads:
+            return entry(x, *args, nthreads)
+    return entry(x, *args, 1)
 
 
 def small_threads_allowed(num_threads) -> bool:

@@ -124,11 +124,8 @@ def _small_moments(x, axis, ddof, backend, num_threads, float64_out=False):
     too."""
     if (_config.small_call_allowed(backend, num_threads)
             and (type(ddof) is int or type(ddof) is float)):
-        kernels = _config.kernels
-        if type(x) is np.ndarray and x.size >= kernels.SERIAL_WORK_ELEMENTS:
-            with _config.call_slot(num_threads) as nthreads:
-                return kernels.moments_contig(x, axis, ddof, float64_out, nthreads)
-        return kernels.moments_contig(x, axis, ddof, float64_out, 1)
+        return _config.run_entry(_config.kernels.moments_contig, x, num_threads, axis, ddof,
+                                 float64_out)
     return None
 
 

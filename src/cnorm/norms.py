@@ -290,13 +290,13 @@ _PER_CHANNEL = object()
 
 
 def _rows_entry(x, out, eps, mode, weight, bias, groups, num_threads):
-    """``norm_rows_contig``, inside a call slot when the array is large enough
-    for threads."""
-    kernels = _config.kernels
-    if type(x) is np.ndarray and x.size >= kernels.SERIAL_WORK_ELEMENTS:
-        with _config.call_slot(num_threads) as nthreads:
-            return kernels.norm_rows_contig(x, out, eps, mode, weight, bias, groups, nthreads)
-    return kernels.norm_rows_contig(x, out, eps, mode, weight, bias, groups, 1)
+    return _config.run_entry(_config.kernels.norm_rows_contig, x, num_threads, out, eps, mode,
+                             weight, bias, groups)
+
+
+def _plain_momentum(momentum):
+    """A float momentum in [0, 1] (anything else: the general path validates it)."""
+    return type(momentum) is float and 0.0 <= momentum <= 1.0
 
 
 _RMS_EPS = {2: float(np.finfo(np.float16).eps), 4: float(np.finfo(np.float32).eps),
@@ -479,7 +479,7 @@ def _small_batch_norm(x, weight, bias, axis, running_mean, running_var, training
     below is the general path's code."""
     if not (training is True and activation is None and return_stats is False
             and type(x) is np.ndarray and x.ndim >= 2 and type(axis) is int
-            and type(eps) is float and eps >= 0.0
+            and type(eps) is float and eps >= 0.0 and _plain_momentum(momentum)
             and _config.small_call_allowed(backend, num_threads)):
         return None
     if axis == -1 or axis == x.ndim - 1:
@@ -489,18 +489,11 @@ def _small_batch_norm(x, weight, bias, axis, running_mean, running_var, training
     else:
         return None
     C = x.shape[-1 if channels_last else 1]
-    if running_mean is not None or running_var is not None:
-        if not (type(momentum) is float and 0.0 <= momentum <= 1.0
-                and all(r is None or (type(r) is np.ndarray and r.dtype.kind == "f"
-                                      and r.shape == (C,) and r.flags.writeable)
-                        for r in (running_mean, running_var))):
-            return None
-    kernels = _config.kernels
-    if x.size >= kernels.SERIAL_WORK_ELEMENTS:
-        with _config.call_slot(num_threads) as nthreads:
-            done = kernels.batch_norm_contig(x, out, channels_last, eps, weight, bias, nthreads)
-    else:
-        done = kernels.batch_norm_contig(x, out, channels_last, eps, weight, bias, 1)
+    if not all(r is None or (type(r) is np.ndarray and r.dtype.kind == "f" and r.shape == (C,)
+                             and r.flags.writeable) for r in (running_mean, running_var)):
+        return None
+    done = _config.run_entry(_config.kernels.batch_norm_contig, x, num_threads, out,
+                             channels_last, eps, weight, bias)
     if done is None:
         return None
     y, stats = done
@@ -603,7 +596,8 @@ def instance_norm(x, weight=None, bias=None, *, axis=1, running_mean=None, runni
     -------
     y or (y, mean, rstd)  (stats with shape ``(N, C, 1, ...)``)
     """
-    if training is True and running_mean is None and running_var is None:
+    if (training is True and running_mean is None and running_var is None
+            and _plain_momentum(momentum)):
         y = _small_group_call(x, _PER_CHANNEL, axis, out, eps, weight, bias, activation,
                               return_stats, backend, num_threads)
         if y is not None:
