@@ -769,34 +769,38 @@ def _cols_block(buf, p, nrows, ncols, rs, cs, out):
     contiguous = cs == 1
     nv = ncols - ncols % 8  # float64: eight-column lane steps, then the dd_add tail (as _simd.h)
     r0 = 0
-    if contiguous and not _is_f64(buf):
-        # four rows per pass with the column sums in registers; each column still
+    if contiguous:
+        # four rows per pass with each column's sums in registers; each column still
         # adds rows r, r+1, r+2, r+3 in order (bitwise the one-row loop, as _simd.h)
-        n4 = np.uint64(ncols)
         while r0 + 4 <= nrows:
             q = p + r0 * rs
             a0 = buf[q:q + ncols]
             a1 = buf[q + rs:q + rs + ncols]
             a2 = buf[q + 2 * rs:q + 2 * rs + ncols]
             a3 = buf[q + 3 * rs:q + 3 * rs + ncols]
-            for j in range(n4):
-                cj = c[j]
-                u = s1h[j]
-                v = s2h[j]
-                d = _ld(a0, j) - cj
-                u = u + d
-                v = v + d * d
-                d = _ld(a1, j) - cj
-                u = u + d
-                v = v + d * d
-                d = _ld(a2, j) - cj
-                u = u + d
-                v = v + d * d
-                d = _ld(a3, j) - cj
-                u = u + d
-                v = v + d * d
-                s1h[j] = u
-                s2h[j] = v
+            if _is_f64(buf):   # double-double steps, then the dd_add tail columns
+                for j in range(np.uint64(nv)):
+                    cj = c[j]
+                    h1, l1, h2, l2 = _dd_step(s1h[j], s1l[j], s2h[j], s2l[j], _ld(a0, j), cj)
+                    h1, l1, h2, l2 = _dd_step(h1, l1, h2, l2, _ld(a1, j), cj)
+                    h1, l1, h2, l2 = _dd_step(h1, l1, h2, l2, _ld(a2, j), cj)
+                    s1h[j], s1l[j], s2h[j], s2l[j] = _dd_step(h1, l1, h2, l2, _ld(a3, j), cj)
+                for k in range(4):
+                    for j in range(nv, ncols):
+                        d, de, qq, qe = _centred_terms(_ld(buf, q + k * rs + j), c[j])
+                        s1h[j], s1l[j] = _dd_add(s1h[j], s1l[j], d, de)
+                        s2h[j], s2l[j] = _dd_add(s2h[j], s2l[j], qq, qe)
+            else:
+                for j in range(np.uint64(ncols)):
+                    cj = c[j]
+                    u = s1h[j]
+                    v = s2h[j]
+                    for a in (a0, a1, a2, a3):
+                        d = _ld(a, j) - cj
+                        u = u + d
+                        v = v + d * d
+                    s1h[j] = u
+                    s2h[j] = v
             r0 += 4
     for r in range(r0, nrows):
         q = p + r * rs
