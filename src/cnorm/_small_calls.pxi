@@ -15,6 +15,20 @@ cdef inline bint rows_eligible(object a, int typenum) noexcept:
             and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>a))
 
 
+cdef int float_input(object x, int min_nd, int max_nd) noexcept:
+    """The type number of ``x`` when it is an array the C entries take -- an
+    exact, aligned, native-order, C-contiguous float16/32/64 ndarray with
+    ``min_nd`` to ``max_nd`` dimensions (no upper bound when ``max_nd < 0``) --
+    else -1."""
+    if type(x) is not cnp.ndarray:
+        return -1
+    cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>x), nd = cnp.PyArray_NDIM(<cnp.ndarray>x)
+    if ((t != cnp.NPY_FLOAT64 and t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT16)
+            or nd < min_nd or (max_nd >= 0 and nd > max_nd) or not rows_eligible(x, t)):
+        return -1
+    return t
+
+
 cdef inline object param_row(object p, Py_ssize_t L, double fill):
     """An affine parameter for the C entries: a C-contiguous float64 (L,) array
     (``fill`` everywhere for None; float16 / float32 vectors converted, exactly, as
@@ -76,15 +90,11 @@ def norm_rows_contig(object x, object out, double eps, int mode, object weight, 
     (results do not depend on it).  Returns the output, or None when the call
     is not eligible: the caller then runs the general path.
     """
-    if type(x) is not cnp.ndarray:
+    cdef int typenum = float_input(x, 2 if groups else 1, -1)
+    if typenum < 0 or groups < 0:
         return None
     cdef cnp.ndarray xa = <cnp.ndarray>x
-    cdef int typenum = cnp.PyArray_TYPE(xa)
     cdef int nd = cnp.PyArray_NDIM(xa)
-    if (typenum != cnp.NPY_FLOAT64 and typenum != cnp.NPY_FLOAT32
-            and typenum != cnp.NPY_FLOAT16) or nd < (2 if groups else 1) or groups < 0 \
-            or not rows_eligible(xa, typenum):
-        return None
     cdef Py_ssize_t size = cnp.PyArray_SIZE(xa), L, C = 0, hw = 1
     if size <= 0:
         return None
@@ -238,15 +248,11 @@ def moments_contig(object x, object axis, double ddof, bint float64_out, int nth
     float32 input (unless ``float64_out``) and float64 otherwise, or None when
     the call is not eligible.
     """
-    if type(x) is not cnp.ndarray:
+    cdef int typenum = float_input(x, 1, MAX_DIMS)
+    if typenum < 0:
         return None
     cdef cnp.ndarray xa = <cnp.ndarray>x
-    cdef int typenum = cnp.PyArray_TYPE(xa)
     cdef int nd = cnp.PyArray_NDIM(xa), ax, nk = 0
-    if (typenum != cnp.NPY_FLOAT64 and typenum != cnp.NPY_FLOAT32
-            and typenum != cnp.NPY_FLOAT16) or nd < 1 or nd > MAX_DIMS \
-            or not rows_eligible(xa, typenum):
-        return None
     cdef Py_ssize_t size = cnp.PyArray_SIZE(xa), L = 1, R, i
     cdef bint red[MAX_DIMS]
     cdef cnp.npy_intp kept[MAX_DIMS]
@@ -319,15 +325,11 @@ def batch_norm_contig(object x, object out, bint channels_last, double eps, obje
     the caller updates running statistics) and ``1 / sqrt(var + eps)``; or
     None when the call is not eligible.
     """
-    if type(x) is not cnp.ndarray:
+    cdef int typenum = float_input(x, 2, MAX_DIMS)
+    if typenum < 0:
         return None
     cdef cnp.ndarray xa = <cnp.ndarray>x
-    cdef int typenum = cnp.PyArray_TYPE(xa)
     cdef int nd = cnp.PyArray_NDIM(xa), ax
-    if (typenum != cnp.NPY_FLOAT64 and typenum != cnp.NPY_FLOAT32
-            and typenum != cnp.NPY_FLOAT16) or nd < 2 or nd > MAX_DIMS \
-            or not rows_eligible(xa, typenum):
-        return None
     cdef int c_ax = nd - 1 if channels_last else 1
     cdef Py_ssize_t size = cnp.PyArray_SIZE(xa), C = cnp.PyArray_DIM(xa, c_ax)
     if size <= 0 or size // C <= 1:

@@ -536,9 +536,11 @@ _SMALL = 131072   # as the forward's small-call entry: below this many elements
 _NATIVE_F = (np.dtype(np.float16), np.dtype(np.float32), _F64)
 
 
-def _small_stat(a, R, keep, kept):
-    return (type(a) is np.ndarray and a.dtype == _F64 and a.size == R and a.flags.c_contiguous
-            and (a.shape == keep or a.shape == kept))
+def _small_stat(a, shapes):
+    """A saved statistic the small paths take as it is: C-contiguous float64 of one of
+    ``shapes`` (the shapes the general path accepts)."""
+    return (type(a) is np.ndarray and a.dtype == _F64 and a.flags.c_contiguous
+            and a.shape in shapes)
 
 
 def _small_param(p, L):
@@ -630,8 +632,8 @@ def _small_rows_backward(dy, x, mean, rstd, weight, bias, axis, activation, out,
         return None
     L = x.shape[-1]
     R = x.size // L
-    keep, kept = x.shape[:-1] + (1,), x.shape[:-1]
-    if not (_small_stat(rstd, R, keep, kept) and (mode == MODE_RMS or _small_stat(mean, R, keep, kept))
+    shapes = (x.shape[:-1] + (1,), x.shape[:-1])
+    if not (_small_stat(rstd, shapes) and (mode == MODE_RMS or _small_stat(mean, shapes))
             and _small_param(weight, L) and _small_param(bias, L)):
         return None
     wv, bv, want = _small_params(weight, bias, L)
@@ -659,14 +661,9 @@ def _small_channel_backward(kind, dy, x, mean, rstd, weight, bias, groups, train
             or type(G) is not int or G <= 0 or C % G):
         return None
     spatial = (1,) * (x.ndim - 2)
-    if kind == "batch":
-        stat_shapes, nstat = [(C,), (1, C) + spatial], C
-    elif kind == "instance":
-        stat_shapes, nstat = [(N, C), (N, C) + spatial], N * C
-    else:
-        stat_shapes, nstat = [(N, G)], N * G
-    if not all(type(a) is np.ndarray and a.dtype == _F64 and a.size == nstat
-               and a.flags.c_contiguous and a.shape in stat_shapes for a in (mean, rstd)):
+    shapes = {"batch": ((C,), (1, C) + spatial), "instance": ((N, C), (N, C) + spatial),
+              "group": ((N, G),)}[kind]
+    if not (_small_stat(mean, shapes) and _small_stat(rstd, shapes)):
         return None
     wv, bv, want = _small_params(weight, bias, C)
     pe = 1 if want else 0
