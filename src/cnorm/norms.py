@@ -497,9 +497,10 @@ def _small_batch_norm(x, weight, bias, axis, running_mean, running_var, training
     if done is None:
         return None
     y, stats = done
-    n = x.size // C
-    _update_running(running_mean, running_var, _mean(stats[0], stats[1]),
-                    stats[2] * (n / (n - 1)), momentum)
+    if running_mean is not None or running_var is not None:
+        n = x.size // C
+        _update_running(running_mean, running_var, _mean(stats[0], stats[1]),
+                        stats[2] * (n / (n - 1)), momentum)
     return y
 
 
