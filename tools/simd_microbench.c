@@ -154,10 +154,10 @@ int main(int argc, char **argv) {
          for (int r = 0; r < ROWS; r++) cn_cols_centred_f16(xh + r * COLS, COLS, c, a[0], a[1]));
     TIME("cols_centred4_f16", N, reps,
          for (int r = 0; r < ROWS; r += 4)
-             cn_cols_centred4_f16(xh + r * COLS, COLS * 2, COLS, c, a[0], a[1]));
+             cn_cols_centred4_f16(xh + r * COLS, COLS * 2, COLS, c, a[0], a[1], 0));
     TIME("cols_centred4_f32", N, reps,
          for (int r = 0; r < ROWS; r += 4)
-             cn_cols_centred4_f32(xf + r * COLS, COLS * 4, COLS, c, a[0], a[1]));
+             cn_cols_centred4_f32(xf + r * COLS, COLS * 4, COLS, c, a[0], a[1], 0));
     TIME("cols_centred_f32", N, reps,
          for (int r = 0; r < ROWS; r++) cn_cols_centred_f32(xf + r * COLS, COLS, c, a[0], a[1]));
     TIME("cols_centred_f64", N, reps / 4,

@@ -230,7 +230,12 @@ static inline cn_vd cn_vld_f16(const uint16_t *p) {
  * add and two conversions per element) were bound by the add pipes; taking
  * the S1 addition to the multiply-add pipes moves them from 0.163 to 0.136
  * ns/element on Zen 4 with AVX-512 (0.186 -> 0.168 with AVX2; float32
- * with AVX2 0.137 -> 0.105), tools/simd_microbench.c, L1-resident data. */
+ * with AVX2 0.137 -> 0.105), tools/simd_microbench.c, L1-resident data.
+ * The S2 addition of the row loop and of the four-row column loop went
+ * there too later (float16 rows 0.085 -> 0.075 with AVX-512 on Zen 5, 0.155
+ * -> 0.143 with AVX2; float32 unchanged); the one-row column loop keeps it
+ * on the add pipes: its sums go through memory, and there the longer FMA
+ * latency measured slower (0.093 -> 0.107). */
 #if CN_VW == 8
 static inline cn_vd cn_vadd_fu(cn_vd a, cn_vd b) {
     return (cn_vd)_mm512_fmadd_pd((__m512d)b, _mm512_set1_pd(1.0), (__m512d)a);
@@ -241,6 +246,20 @@ static inline cn_vd cn_vadd_fu(cn_vd a, cn_vd b) {
 }
 #else
 static inline cn_vd cn_vadd_fu(cn_vd a, cn_vd b) { return a + b; }
+#endif
+
+/* a - b on the multiply-add pipes: fma(b, -1, a) is a + (-b), which IEEE 754
+ * defines a - b to be (the same bits; NaN payloads as for cn_vadd_fu). */
+#if CN_VW == 8
+static inline cn_vd cn_vsub_fu(cn_vd a, cn_vd b) {
+    return (cn_vd)_mm512_fmadd_pd((__m512d)b, _mm512_set1_pd(-1.0), (__m512d)a);
+}
+#elif CN_VW == 4 && defined(__FMA__)
+static inline cn_vd cn_vsub_fu(cn_vd a, cn_vd b) {
+    return (cn_vd)_mm256_fmadd_pd((__m256d)b, _mm256_set1_pd(-1.0), (__m256d)a);
+}
+#else
+static inline cn_vd cn_vsub_fu(cn_vd a, cn_vd b) { return a - b; }
 #endif
 
 /* The pairwise tree over the 16 lanes held in a[0..CN_NV-1]:
@@ -302,7 +321,7 @@ static inline void cn_centred_##SUFFIX(const T *__restrict p, ptrdiff_t n,      
         for (int k = 0; k < CN_NV; k++) {                                        \
             cn_vd d = VLOAD(p + i + k * CN_VW) - cv;                             \
             a[k] = cn_vadd_fu(a[k], d);  /* a[k] + d, on the FMA pipes */        \
-            q[k] += d * d;                                                       \
+            q[k] = cn_vadd_fu(q[k], d * d);                                      \
         }                                                                        \
     double t1 = 0.0, t2 = 0.0;                                                   \
     for (; i < n; i++) { double d = CONV(p[i]) - c; t1 += d; t2 += d * d; }       \
@@ -368,18 +387,23 @@ static inline void cn_dd_tree16(cn_vd *h, cn_vd *l, double *H, double *L) {
 }
 
 /* one element per lane into the double-double sums; needs cn_vd cv (the
- * centre) and two (2.0) in scope */
+ * centre) and two (2.0) in scope.  The operations of cn_two_sum / cn_dd_add
+ * in the same order; 10 of the 23 additions go to the multiply-add pipes
+ * (cn_vadd_fu / cn_vsub_fu, the same bits): with every addition on the two
+ * FP-add pipes this step was bound by them (AMD EPYC family 26, Zen 5:
+ * 0.42 -> 0.29-0.32 ns/element with AVX-512, 0.81 -> 0.58 with AVX2,
+ * L1-resident, tools/simd_microbench.c). */
 #define CN_DD_LANE_STEP(x, h1, l1, h2, l2) do {                                   \
-    cn_vd d_ = (x) - cv, bb_ = d_ - (x);                                         \
-    cn_vd de_ = ((x) - (d_ - bb_)) + (-cv - bb_);                                \
-    cn_vd t_ = h1 + d_, b2_ = t_ - h1;                                           \
-    l1 += ((h1 - (t_ - b2_)) + (d_ - b2_)) + de_;                                \
+    cn_vd d_ = (x) - cv, bb_ = cn_vsub_fu(d_, (x));                              \
+    cn_vd de_ = cn_vsub_fu((x), d_ - bb_) + (-cv - bb_);                          \
+    cn_vd t_ = h1 + d_, b2_ = cn_vsub_fu(t_, h1);                                \
+    l1 += cn_vadd_fu(cn_vsub_fu(h1, t_ - b2_), d_ - b2_) + de_;                  \
     h1 = t_;                                                                     \
     cn_vd q_ = d_ * d_;                                                          \
-    cn_vd qe_ = cn_v_two_prod_err(d_, d_, q_) + two * d_ * de_;                  \
+    cn_vd qe_ = cn_vadd_fu(cn_v_two_prod_err(d_, d_, q_), two * d_ * de_);       \
     t_ = h2 + q_;                                                                \
-    b2_ = t_ - h2;                                                               \
-    l2 += ((h2 - (t_ - b2_)) + (q_ - b2_)) + qe_;                                \
+    b2_ = cn_vsub_fu(t_, h2);                                                    \
+    l2 = cn_vadd_fu(l2, cn_vadd_fu(cn_vsub_fu(h2, t_ - b2_), q_ - b2_) + qe_);   \
     h2 = t_;                                                                     \
 } while (0)
 
@@ -437,21 +461,33 @@ CN_DEFINE_COLS(f32, float, cn_vld_f32, CN_CONV_F)
 /* Four rows (byte stride rs) at once: the column sums stay in registers for
  * four additions instead of a load and a store per row.  Each column still
  * adds row 0, 1, 2, 3 in order, so the sums are bitwise those of four calls
- * of the one-row function. */
+ * of the one-row function.
+ *
+ * pf > 0: prefetch the same columns pf bytes further on (rows ahead) while
+ * reading these.  The four rows are four streams that each end after one row
+ * (the next four rows start new ones), and for rows of 512 bytes or more the
+ * hardware prefetcher kept losing them: moments over axis 0 of a 40 MiB
+ * (10240, 1024) float32 array ran at ~2x the read floor, 1.2x with this.  A
+ * prefetch never faults, so reading ahead of the last row needs no check. */
+static inline void cn_prefetch_rows4(const char *p, ptrdiff_t rs, ptrdiff_t off) {
+    for (int r = 0; r < 4; r++) __builtin_prefetch(p + r * rs + off, 0, 3);
+}
+
 #define CN_DEFINE_COLS4(SUFFIX, T, VLOAD, CONV)                                   \
 static inline void cn_cols_centred4_##SUFFIX(const T *__restrict x, ptrdiff_t rs, \
         ptrdiff_t n, const double *__restrict c, double *__restrict s1,          \
-        double *__restrict s2) {                                                 \
+        double *__restrict s2, ptrdiff_t pf) {                                   \
     const char *b = (const char *)x;                                             \
     ptrdiff_t j, nv = n - n % 8;                                                 \
     for (j = 0; j < nv; j += 8)                                                  \
         for (int k = 0; k < 8; k += CN_VW) {                                     \
+            if (pf && k == 0) cn_prefetch_rows4(b + pf, rs, j * sizeof(T));     \
             cn_vd cv = cn_vld_f64(c + j + k);                                    \
             cn_vd a = cn_vld_f64(s1 + j + k), q = cn_vld_f64(s2 + j + k);        \
             for (int r = 0; r < 4; r++) {                                        \
                 cn_vd d = VLOAD((const T *)(b + r * rs) + j + k) - cv;           \
                 a = cn_vadd_fu(a, d);                                            \
-                q = q + d * d;                                                   \
+                q = cn_vadd_fu(q, d * d);                                        \
             }                                                                    \
             cn_vst_f64(s1 + j + k, a);                                           \
             cn_vst_f64(s2 + j + k, q);                                           \
@@ -493,12 +529,13 @@ static inline void cn_cols_centred_f64(const double *__restrict x, ptrdiff_t n,
  * each column adds rows 0..3 in order, as four one-row calls would) */
 static inline void cn_cols_centred4_f64(const double *__restrict x, ptrdiff_t rs, ptrdiff_t n,
         const double *__restrict c, double *__restrict h1, double *__restrict l1,
-        double *__restrict h2, double *__restrict l2) {
+        double *__restrict h2, double *__restrict l2, ptrdiff_t pf) {
     const cn_vd two = cn_vsplat(2.0);
     const char *b = (const char *)x;
     ptrdiff_t j, nv = n - n % 8;
     for (j = 0; j < nv; j += 8)
         for (int k = j; k < j + 8; k += CN_VW) {
+            if (pf && k == j) cn_prefetch_rows4(b + pf, rs, j * 8);
             cn_vd cv = cn_vld_f64(c + k);
             cn_vd H1 = cn_vld_f64(h1 + k), L1 = cn_vld_f64(l1 + k);
             cn_vd H2 = cn_vld_f64(h2 + k), L2 = cn_vld_f64(l2 + k);
