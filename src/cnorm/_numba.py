@@ -68,7 +68,7 @@ __all__ = ["moments_4d", "moments_1d", "state_merge", "state_finalize", "merge_s
 LANES = 16            # independent accumulators per row (two AVX-512 vectors of doubles)
 BLOCK = 4096          # elements per block (one shift c per block)
 CHUNK_BLOCKS = 64     # blocks per chunk: the unit of parallel work along a slice
-TILE = 128            # columns per tile in the column kernel
+TILE = 512            # columns per tile in the column kernel (prefetched segments; >= 2 tasks for 1024)
 SERIAL_WORK = 131072  # below this many elements, never start threads
 
 
@@ -118,6 +118,40 @@ def _llvm_bitcast_f64(typingctx, bits):
 @overload(_bits_to_f64, jit_options=OVERLOAD_OPTIONS)
 def _bits_to_f64_impl(bits):
     return lambda bits: _llvm_bitcast_f64(np.int64(bits))
+
+
+def _prefetch(buf, i):
+    """Ask for the cache line of ``buf[i]`` (a hint: no effect on results;
+    ``i`` may lie past the end, a prefetch never faults)."""
+
+
+@intrinsic
+def _llvm_prefetch(typingctx, buf, i):
+    if not isinstance(buf, types.Array):
+        return None
+    sig = types.void(buf, types.intp)
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        item = context.get_abi_sizeof(context.get_data_type(aryty.dtype))
+        addr = builder.add(builder.ptrtoint(ary.data, cgutils.intp_t),
+                           builder.mul(args[1], context.get_constant(types.intp, item)))
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+            "llvm.prefetch.p0i8")
+        # read, keep in all cache levels, data cache
+        builder.call(fn, [builder.inttoptr(addr, i8p), ir.Constant(i32, 0),
+                          ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@overload(_prefetch, jit_options=OVERLOAD_OPTIONS)
+def _prefetch_impl(buf, i):
+    return lambda buf, i: _llvm_prefetch(buf, np.intp(i))
 
 
 _TWO_1008 = 2.0 ** 1008  # 2**(1023 - 15)
@@ -768,12 +802,22 @@ def _cols_block(buf, p, nrows, ncols, rs, cs, out):
         s2l[j] = 0.0
     contiguous = cs == 1
     nv = ncols - ncols % 8  # float64: eight-column lane steps, then the dd_add tail (as _simd.h)
+    # prefetch the four-row loop's rows 8-32 rows (~64 KiB) ahead when rows are at
+    # least 512 bytes apart (cn_cols_centred4_* in _simd.h: the hardware
+    # prefetcher loses the short per-row streams); one hint per cache line
+    item = buf.itemsize
+    pf = rs * min(32, max(8, 65536 // (rs * item))) if rs * item >= 512 else 0
+    line = 64 // item
     r0 = 0
     if contiguous:
         # four rows per pass with each column's sums in registers; each column still
         # adds rows r, r+1, r+2, r+3 in order (bitwise the one-row loop, as _simd.h)
         while r0 + 4 <= nrows:
             q = p + r0 * rs
+            if pf:
+                for kp in range(4):  # own names: j is uint64 below
+                    for jp in range(0, ncols, line):
+                        _prefetch(buf, q + pf + kp * rs + jp)
             a0 = buf[q:q + ncols]
             a1 = buf[q + rs:q + rs + ncols]
             a2 = buf[q + 2 * rs:q + 2 * rs + ncols]
@@ -845,7 +889,7 @@ def _cols_block(buf, p, nrows, ncols, rs, cs, out):
 @jit
 def _cols_geometry(shape):
     R, K = shape[1], shape[2]
-    brows = max(1, BLOCK * 8 // min(K, TILE))
+    brows = max(1024, BLOCK * 8 // min(K, TILE))  # >= 1024 rows: see cols_kernel in _kernels.pyx
     ntiles = (K + TILE - 1) // TILE
     nblocks = (R + brows - 1) // brows
     nchunks = (nblocks + CHUNK_BLOCKS - 1) // CHUNK_BLOCKS
