@@ -89,13 +89,13 @@ static int check(void) {
             int off = (int)(rng() % 7);        /* unaligned starts */
             double c = xd[off] * 0.75;
             double s1 = 0.5, s2 = 0.25, s1l = 0, s2l = 0;
-            cn_centred_f16(xh + off, n, c, &s1, &s2);
+            cn_centred_f16(xh + off, n, c, &s1, &s2, 0);
             h[3] = fnv(fnv(h[3], s1), s2);
             s1 = 0.5; s2 = 0.25;
-            cn_centred_f32(xf + off, n, c, &s1, &s2);
+            cn_centred_f32(xf + off, n, c, &s1, &s2, 0);
             h[4] = fnv(fnv(h[4], s1), s2);
             s1 = 0.5; s2 = 0.25;
-            cn_centred_f64(xd + off, n, c, &s1, &s1l, &s2, &s2l);
+            cn_centred_f64(xd + off, n, c, &s1, &s1l, &s2, &s2l, 0);
             h[5] = fnv(fnv(fnv(fnv(h[5], s1), s1l), s2), s2l);
             /* columns: three rows of n columns accumulated into the same sums */
             if (n > 1400) continue;
@@ -147,9 +147,9 @@ int main(int argc, char **argv) {
     double s1 = 0, s2 = 0, s1l = 0, s2l = 0, acc = 0;
     int reps = 20000;
     printf("isa %s, n = %d\n", cn_isa_name(), N);
-    TIME("centred_f16", N, reps, cn_centred_f16(xh, N, 0.5, &s1, &s2));
-    TIME("centred_f32", N, reps, cn_centred_f32(xf, N, 0.5, &s1, &s2));
-    TIME("centred_f64 (dd)", N, reps / 4, cn_centred_f64(xd, N, 0.5, &s1, &s1l, &s2, &s2l));
+    TIME("centred_f16", N, reps, cn_centred_f16(xh, N, 0.5, &s1, &s2, 0));
+    TIME("centred_f32", N, reps, cn_centred_f32(xf, N, 0.5, &s1, &s2, 0));
+    TIME("centred_f64 (dd)", N, reps / 4, cn_centred_f64(xd, N, 0.5, &s1, &s1l, &s2, &s2l, 0));
     TIME("cols_centred_f16", N, reps,
          for (int r = 0; r < ROWS; r++) cn_cols_centred_f16(xh + r * COLS, COLS, c, a[0], a[1]));
     TIME("cols_centred4_f16", N, reps,

@@ -252,10 +252,13 @@ cdef inline double ld(const src_t* p) noexcept nogil:
 
 # ---------------------------------------------------------------- block kernel
 cdef extern from "_simd.h" nogil:
-    void cn_centred_f16(const uint16_t *p, Py_ssize_t n, double c, double *s1, double *s2)
-    void cn_centred_f32(const float *p, Py_ssize_t n, double c, double *s1, double *s2)
+    Py_ssize_t CN_PF_AHEAD   # bytes the row loops prefetch ahead of contiguous rows
+    void cn_centred_f16(const uint16_t *p, Py_ssize_t n, double c, double *s1, double *s2,
+                        Py_ssize_t pf)
+    void cn_centred_f32(const float *p, Py_ssize_t n, double c, double *s1, double *s2,
+                        Py_ssize_t pf)
     void cn_centred_f64(const double *p, Py_ssize_t n, double c,
-                        double *s1h, double *s1l, double *s2h, double *s2l)
+                        double *s1h, double *s1l, double *s2h, double *s2l, Py_ssize_t pf)
     void cn_cols_centred_f16(const uint16_t *x, Py_ssize_t n, const double *c, double *s1, double *s2)
     void cn_cols_centred_f32(const float *x, Py_ssize_t n, const double *c, double *s1, double *s2)
     void cn_cols_centred_f64(const double *x, Py_ssize_t n, const double *c,
@@ -269,14 +272,15 @@ cdef extern from "_simd.h" nogil:
 
 
 cdef inline void row_centred(const src_t* p, Py_ssize_t n, double c, double* s1h, double* s1l,
-                             double* s2h, double* s2l) noexcept nogil:
-    """Pass 2 over a contiguous row: S1 += sum(x - c), S2 += sum((x - c)**2)."""
+                             double* s2h, double* s2l, Py_ssize_t pf) noexcept nogil:
+    """Pass 2 over a contiguous row: S1 += sum(x - c), S2 += sum((x - c)**2),
+    prefetching pf bytes ahead (0: none; see cn_prefetch16 in _simd.h)."""
     if src_t is uint16_t:
-        cn_centred_f16(p, n, c, s1h, s2h)
+        cn_centred_f16(p, n, c, s1h, s2h, pf)
     elif src_t is float:
-        cn_centred_f32(p, n, c, s1h, s2h)
+        cn_centred_f32(p, n, c, s1h, s2h, pf)
     else:
-        cn_centred_f64(p, n, c, s1h, s1l, s2h, s2l)
+        cn_centred_f64(p, n, c, s1h, s1l, s2h, s2l, pf)
 
 
 cdef inline void centred_add(double x, double c, double* s1h, double* s1l,
@@ -312,7 +316,19 @@ cdef inline void prefetch_span(const char* p, Py_ssize_t nbytes) noexcept nogil:
 
 cdef void block_moments(const src_t* base, Py_ssize_t nrows, Py_ssize_t rowlen,
                         Py_ssize_t rstride, Py_ssize_t estride, State* out) noexcept nogil:
+    """State of the nrows x rowlen block at base (byte strides), in one pass
+    (block_moments_pf without prefetching ahead: the embedding API)."""
+    block_moments_pf(base, nrows, rowlen, rstride, estride, 0, out)
+
+
+cdef void block_moments_pf(const src_t* base, Py_ssize_t nrows, Py_ssize_t rowlen,
+                           Py_ssize_t rstride, Py_ssize_t estride, Py_ssize_t pf,
+                           State* out) noexcept nogil:
     """State of the nrows x rowlen block at base (byte strides), in one pass.
+
+    pf: prefetch distance in bytes for contiguous rows that follow each other
+    in memory, given by callers whose next read is what follows the block (0:
+    none).  Rows that hop (not adjacent) prefetch the next row instead.
 
     The shift c is the block's first element: since c is one of the block's
     values, (c - mean)**2 <= n * var, so S2 - S1**2/n cancels at most
@@ -326,13 +342,13 @@ cdef void block_moments(const src_t* base, Py_ssize_t nrows, Py_ssize_t rowlen,
     cdef Py_ssize_t r, i
     cdef const char* row
     cdef bint contiguous = estride == sizeof(src_t)
-    cdef bint hop = contiguous and rstride != rowlen * <Py_ssize_t>sizeof(src_t)
+    cdef bint hop = contiguous and nrows > 1 and rstride != rowlen * <Py_ssize_t>sizeof(src_t)
     for r in range(nrows):
         row = <const char*>base + r * rstride
         if hop:
             prefetch_span(row + rstride, rowlen * sizeof(src_t))
         if contiguous:
-            row_centred(<const src_t*>row, rowlen, c, &s1h, &s1l, &s2h, &s2l)
+            row_centred(<const src_t*>row, rowlen, c, &s1h, &s1l, &s2h, &s2l, 0 if hop else pf)
         elif src_t is double:
             for i in range(rowlen):
                 centred_add((<const double*>(row + i * estride))[0], c, &s1h, &s1l, &s2h, &s2l)
@@ -372,7 +388,8 @@ cdef void moments_1d_f64(const double* x, Py_ssize_t n, Py_ssize_t stride, State
     out.n = 0
     out.mh = out.ml = out.qh = out.ql = 0.0
     if n > 0:
-        slice_chunk(<const double*>x, 1, n, 0, stride * 8, 0, blocks_in_slice(1, n), out)
+        slice_chunk(<const double*>x, 1, n, 0, stride * 8, 0, blocks_in_slice(1, n),
+                    CN_PF_AHEAD if stride == 1 else 0, out)
 
 
 cdef void moments_1d_f32(const float* x, Py_ssize_t n, Py_ssize_t stride, State* out) noexcept nogil:
@@ -380,7 +397,8 @@ cdef void moments_1d_f32(const float* x, Py_ssize_t n, Py_ssize_t stride, State*
     out.n = 0
     out.mh = out.ml = out.qh = out.ql = 0.0
     if n > 0:
-        slice_chunk(<const float*>x, 1, n, 0, stride * 4, 0, blocks_in_slice(1, n), out)
+        slice_chunk(<const float*>x, 1, n, 0, stride * 4, 0, blocks_in_slice(1, n),
+                    CN_PF_AHEAD if stride == 1 else 0, out)
 
 
 # ---------------------------------------------------------------- slices (rows kernel)
@@ -393,32 +411,34 @@ cdef inline Py_ssize_t blocks_in_slice(Py_ssize_t nrows, Py_ssize_t rowlen) noex
 
 cdef inline void slice_block(const src_t* base, Py_ssize_t nrows, Py_ssize_t rowlen,
                              Py_ssize_t rstride, Py_ssize_t estride, Py_ssize_t b,
-                             State* blk) noexcept nogil:
+                             Py_ssize_t pf, State* blk) noexcept nogil:
     """State of block b of a slice (nrows x rowlen, byte strides): whole rows
-    grouped up to BLOCK elements, or BLOCK-element pieces of long rows."""
+    grouped up to BLOCK elements, or BLOCK-element pieces of long rows
+    (pf: see block_moments_pf)."""
     cdef Py_ssize_t per_row, r, k, g
     if rowlen >= BLOCK:
         per_row = (rowlen + BLOCK - 1) // BLOCK
         r = b // per_row
         k = (b % per_row) * BLOCK
-        block_moments(<const src_t*>(<const char*>base + r * rstride + k * estride),
-                      1, min(BLOCK, rowlen - k), 0, estride, blk)
+        block_moments_pf(<const src_t*>(<const char*>base + r * rstride + k * estride),
+                         1, min(BLOCK, rowlen - k), 0, estride, pf, blk)
     else:
         g = BLOCK // rowlen
-        block_moments(<const src_t*>(<const char*>base + b * g * rstride),
-                      min(g, nrows - b * g), rowlen, rstride, estride, blk)
+        block_moments_pf(<const src_t*>(<const char*>base + b * g * rstride),
+                         min(g, nrows - b * g), rowlen, rstride, estride, pf, blk)
 
 
 cdef void slice_chunk(const src_t* base, Py_ssize_t nrows, Py_ssize_t rowlen,
                       Py_ssize_t rstride, Py_ssize_t estride,
-                      Py_ssize_t b0, Py_ssize_t b1, State* out) noexcept nogil:
-    """Merge blocks b0..b1-1 of a slice (nrows x rowlen, byte strides) into out."""
+                      Py_ssize_t b0, Py_ssize_t b1, Py_ssize_t pf, State* out) noexcept nogil:
+    """Merge blocks b0..b1-1 of a slice (nrows x rowlen, byte strides) into out
+    (pf: see block_moments_pf)."""
     cdef State blk
     cdef Py_ssize_t b
     out.n = 0
     out.mh = out.ml = out.qh = out.ql = 0.0
     for b in range(b0, b1):
-        slice_block(base, nrows, rowlen, rstride, estride, b, &blk)
+        slice_block(base, nrows, rowlen, rstride, estride, b, pf, &blk)
         merge_t(out, &blk, base)
 
 
@@ -426,16 +446,40 @@ cdef void blocks_across_slices(const src_t* x, Py_ssize_t R1, Py_ssize_t R0, Py_
                                Py_ssize_t k0, Py_ssize_t k1, Py_ssize_t b0, Py_ssize_t b1,
                                State* part, Py_ssize_t kstep) noexcept nogil:
     """Blocks b0..b1-1 of slices k0..k1-1 (slice k at x + k*xs[2]), block-major:
-    block b of slice k merges into part[k * kstep] (one work item of rows_kernel)."""
+    block b of slice k merges into part[k * kstep] (one work item of rows_kernel).
+
+    Each slice still merges its blocks in ascending order, but the reads are
+    ordered to follow memory: rows shorter than BLOCK row-interleaved (see
+    block_rows_interleaved); long rows (pieces of BLOCK elements) one row at
+    a time, all its pieces, then the same row of the next slice -- the next
+    NCHW plane.  Visiting piece b of every slice before piece b + 1 read 64
+    streams at once and ran at ~3x the read floor for 128 x 128 planes."""
     cdef State blk
-    cdef Py_ssize_t b, k
-    for b in range(b0, b1):
-        if R0 < BLOCK and xs[3] == sizeof(src_t):
+    cdef Py_ssize_t b, bb, bend, k, per_row
+    cdef bint contiguous = xs[3] == sizeof(src_t)
+    cdef Py_ssize_t pf = CN_PF_AHEAD if (
+        contiguous and xs[2] == R0 * <Py_ssize_t>sizeof(src_t)) else 0
+    if R0 < BLOCK and contiguous:
+        for b in range(b0, b1):
             block_rows_interleaved(x, R1, R0, xs, k0, k1, b, part, kstep)
-            continue
+        return
+    if R0 < BLOCK:
+        for b in range(b0, b1):
+            for k in range(k0, k1):
+                slice_block(<const src_t*>(<const char*>x + k * xs[2]), R1, R0, xs[1], xs[3],
+                            b, 0, &blk)
+                merge_t(&part[k * kstep], &blk, x)
+        return
+    per_row = (R0 + BLOCK - 1) // BLOCK
+    b = b0
+    while b < b1:
+        bend = min(b1, (b // per_row + 1) * per_row)   # the pieces of one row
         for k in range(k0, k1):
-            slice_block(<const src_t*>(<const char*>x + k * xs[2]), R1, R0, xs[1], xs[3], b, &blk)
-            merge_t(&part[k * kstep], &blk, x)
+            for bb in range(b, bend):
+                slice_block(<const src_t*>(<const char*>x + k * xs[2]), R1, R0, xs[1], xs[3],
+                            bb, pf, &blk)
+                merge_t(&part[k * kstep], &blk, x)
+        b = bend
 
 
 cdef void block_rows_interleaved(const src_t* x, Py_ssize_t R1, Py_ssize_t R0, Py_ssize_t* xs,
@@ -474,8 +518,10 @@ cdef void block_rows_interleaved(const src_t* x, Py_ssize_t R1, Py_ssize_t R0, P
             for k in range(kn):
                 if hop and k + 1 < kn:
                     prefetch_span(row + (k + 1) * xs[2], rowbytes)
+                # adjacent planes: read ahead into the next one (not past the group)
                 row_centred(<const src_t*>(row + k * xs[2]), R0, c[k],
-                            &s1h[k], &s1l[k], &s2h[k], &s2l[k])
+                            &s1h[k], &s1l[k], &s2h[k], &s2l[k],
+                            0 if hop or k + 1 == kn else CN_PF_AHEAD)
         for k in range(kn):
             block_finish(<const src_t*>(first + k * xs[2]), nrows, R0, xs[1], xs[3], c[k],
                          s1h[k], s1l[k], s2h[k], s2l[k], &blk)
@@ -504,6 +550,12 @@ cdef void rows_kernel(const src_t* x, Py_ssize_t* shape, Py_ssize_t* xs,
     cdef State st
     cdef int nt = nthreads if nslices * R1 * R0 >= SERIAL_WORK else 1
     cdef bint block_major = K > 1 and R1 > 1 and 0 < xs[2] < xs[1]
+    # slice-major reads follow memory when x[o, k, r1, r0] is C-contiguous in
+    # that order: then the row loops prefetch ahead (see cn_prefetch16)
+    cdef Py_ssize_t sz = sizeof(src_t)
+    cdef Py_ssize_t pf = CN_PF_AHEAD if (
+        xs[3] == sz and (R1 == 1 or xs[1] == R0 * sz) and (K == 1 or xs[2] == R1 * R0 * sz)
+        and (O == 1 or xs[0] == K * R1 * R0 * sz)) else 0
     if nslices == 0:
         return
     if nblocks == 0:
@@ -533,7 +585,8 @@ cdef void rows_kernel(const src_t* x, Py_ssize_t* shape, Py_ssize_t* xs,
             o = sl // K
             k = sl % K
             slice_chunk(<const src_t*>(<const char*>x + o * xs[0] + k * xs[2]), R1, R0, xs[1],
-                        xs[3], ch * CHUNK_BLOCKS, min(nblocks, (ch + 1) * CHUNK_BLOCKS), &part[t])
+                        xs[3], ch * CHUNK_BLOCKS, min(nblocks, (ch + 1) * CHUNK_BLOCKS), pf,
+                        &part[t])
     for sl in range(nslices):
         st = part[sl * nchunks]
         for ch in range(1, nchunks):
@@ -742,8 +795,9 @@ DEF MODE_RMS = 1     # no centring, scale by 1/sqrt(mean(x**2) + eps)
 cdef void norm_row(const src_t* x, src_t* y, Py_ssize_t L, Py_ssize_t r, double eps, int mode,
                    const double* w, const double* b, Py_ssize_t psub, Py_ssize_t pmod,
                    Py_ssize_t pmul, int act, double* mean_out, double* var_out,
-                   bint stream) noexcept nogil:
-    """Normalize one contiguous row of L elements (row index r).
+                   bint stream, Py_ssize_t pf) noexcept nogil:
+    """Normalize one contiguous row of L elements (row index r); pf: the
+    statistics pass prefetches that far ahead (rows back to back), or 0.
 
     Statistics as in moments (blocks of BLOCK, Chan merges); then the row,
     still in cache, goes through the apply pass.  The parameters of sub-row
@@ -752,7 +806,7 @@ cdef void norm_row(const src_t* x, src_t* y, Py_ssize_t L, Py_ssize_t r, double 
     """
     cdef State st
     cdef double mh, ml, var, vl, rs
-    slice_chunk(x, 1, L, 0, sizeof(src_t), 0, blocks_in_slice(1, L), &st)
+    slice_chunk(x, 1, L, 0, sizeof(src_t), 0, blocks_in_slice(1, L), pf, &st)
     if mode == MODE_LAYER:
         mh = st.mh
         ml = st.ml
@@ -787,19 +841,20 @@ cdef void norm_rows_t(const src_t* x, src_t* y, Py_ssize_t R, Py_ssize_t L, Py_s
     cdef int nt = nthreads if R * L >= SERIAL_WORK and R > 1 else 1
     cdef bint stream = R * L * <Py_ssize_t>sizeof(src_t) >= stream_min_bytes
     cdef int t
+    cdef Py_ssize_t pf = CN_PF_AHEAD if xrs == L * <Py_ssize_t>sizeof(src_t) else 0
     # each thread takes one contiguous range of rows and fences its streaming
     # stores at the end (a fence per row would stall on every short row)
     if nt == 1:
         for r in range(R):
             norm_row(<const src_t*>(<const char*>x + r * xrs), <src_t*>(<char*>y + r * yrs), L, r,
-                     eps, mode, w, b, psub, pmod, pmul, act, &mean[r], &var[r], stream)
+                     eps, mode, w, b, psub, pmod, pmul, act, &mean[r], &var[r], stream, pf)
         if stream:
             cn_store_fence()
         return
     for t in prange(nt, nogil=True, num_threads=nt, schedule='static'):
         for r in range(t * R // nt, (t + 1) * R // nt):
             norm_row(<const src_t*>(<const char*>x + r * xrs), <src_t*>(<char*>y + r * yrs), L, r,
-                     eps, mode, w, b, psub, pmod, pmul, act, &mean[r], &var[r], stream)
+                     eps, mode, w, b, psub, pmod, pmul, act, &mean[r], &var[r], stream, pf)
         if stream:
             cn_store_fence()
 
