@@ -70,6 +70,7 @@ BLOCK = 4096          # elements per block (one shift c per block)
 CHUNK_BLOCKS = 64     # blocks per chunk: the unit of parallel work along a slice
 TILE = 512            # columns per tile in the column kernel (prefetched segments; >= 2 tasks for 1024)
 SERIAL_WORK = 131072  # below this many elements, never start threads
+PF_AHEAD = 12288      # bytes the row loops prefetch ahead of contiguous rows (CN_PF_AHEAD)
 
 
 # ---------------------------------------------------------------- primitives
@@ -528,16 +529,21 @@ def _opaque_impl(n):
 # j, j+16, j+32, ... in order: the arithmetic of the 16-lane loops of _simd.h.
 
 @jit
-def _row_centred(seg, n, c, lanes, nl):
-    """(Σ(x - c), Σ(x - c)²) of a contiguous float16/float32 row, float64 lanes."""
+def _row_centred(seg, n, c, lanes, nl, pf):
+    """(Σ(x - c), Σ(x - c)²) of a contiguous float16/float32 row, float64 lanes,
+    prefetching pf elements ahead (0: none; see cn_prefetch16 in _simd.h)."""
     a1 = lanes[0]
     a2 = lanes[1]
     for j in range(16):
         a1[j] = 0.0
         a2[j] = 0.0
     nv = n - n % 16
+    line = 64 // seg.itemsize
     i = 0
     while i + 4 * nl <= nv:
+        if pf > 0:
+            for u in range(0, 4 * nl, line):
+                _prefetch(seg, i + pf + u)
         s = seg[i:i + 4 * nl]
         for j in range(nl):
             v1 = a1[j]
@@ -566,8 +572,9 @@ def _row_centred(seg, n, c, lanes, nl):
 
 
 @jit
-def _row_centred_dd(seg, n, c, lanes, nl):
-    """(S1h, S1l, S2h, S2l) of a contiguous float64 row, double-double lanes."""
+def _row_centred_dd(seg, n, c, lanes, nl, pf):
+    """(S1h, S1l, S2h, S2l) of a contiguous float64 row, double-double lanes
+    (pf: as _row_centred)."""
     h1 = lanes[0]
     l1 = lanes[1]
     h2 = lanes[2]
@@ -580,6 +587,9 @@ def _row_centred_dd(seg, n, c, lanes, nl):
     nv = n - n % 16
     i = 0
     while i + 4 * nl <= nv:
+        if pf > 0:
+            for u in range(0, 4 * nl, 8):
+                _prefetch(seg, i + pf + u)
         s = seg[i:i + 4 * nl]
         for j in range(nl):
             v1h, v1l, v2h, v2l = h1[j], l1[j], h2[j], l2[j]
@@ -602,8 +612,9 @@ def _row_centred_dd(seg, n, c, lanes, nl):
 
 
 @jit
-def _block_moments(buf, p, nrows, rowlen, rs, es):
-    """State of the nrows x rowlen block at element p of buf (element strides rs, es).
+def _block_moments(buf, p, nrows, rowlen, rs, es, pf):
+    """State of the nrows x rowlen block at element p of buf (element strides rs, es);
+    pf: prefetch distance in elements when what follows the block is read next.
 
     One pass, shifted by the block's first element c: since c is one of the
     values, (c - mean)**2 <= n * var, so S2 - S1**2/n cancels at most
@@ -620,16 +631,17 @@ def _block_moments(buf, p, nrows, rowlen, rs, es):
     s2h = 0.0
     s2l = 0.0
     contiguous = es == 1
+    rpf = 0 if nrows > 1 and rs != rowlen else pf   # rows not back to back: none
     for r in range(nrows):
         q = p + r * rs
         if contiguous:
             seg = buf[q:q + rowlen]
             if _is_f64(buf):
-                a1h, a1l, a2h, a2l = _row_centred_dd(seg, rowlen, c, lanes, nl)
+                a1h, a1l, a2h, a2l = _row_centred_dd(seg, rowlen, c, lanes, nl, rpf)
                 s1h, s1l = _dd_add(s1h, s1l, a1h, a1l)
                 s2h, s2l = _dd_add(s2h, s2l, a2h, a2l)
             else:
-                a1, a2 = _row_centred(seg, rowlen, c, lanes, nl)
+                a1, a2 = _row_centred(seg, rowlen, c, lanes, nl, rpf)
                 s1h = s1h + a1
                 s2h = s2h + a2
         elif _is_f64(buf):
@@ -667,7 +679,7 @@ def _blocks_in_slice(nrows, rowlen):
 
 
 @jit
-def _slice_block(buf, p, nrows, rowlen, rs, es, b):
+def _slice_block(buf, p, nrows, rowlen, rs, es, b, pf):
     """State of block b of the nrows x rowlen slice at p (as _slice_chunk cuts it)."""
     if rowlen >= BLOCK:
         per_row = (rowlen + BLOCK - 1) // BLOCK
@@ -675,9 +687,9 @@ def _slice_block(buf, p, nrows, rowlen, rs, es, b):
         k = (b % per_row) * BLOCK
         # int64 values, not literals: one compiled _block_moments per dtype
         return _block_moments(buf, p + r * rs + k * es, np.int64(1), min(BLOCK, rowlen - k),
-                              np.int64(0), es)
+                              np.int64(0), es, pf)
     g = BLOCK // rowlen
-    return _block_moments(buf, p + b * g * rs, min(g, nrows - b * g), rowlen, rs, es)
+    return _block_moments(buf, p + b * g * rs, min(g, nrows - b * g), rowlen, rs, es, pf)
 
 
 @jit
@@ -694,7 +706,7 @@ def _block_major_item(t, ngroups, buf, base, shape, xs, nblocks, nchunks, part):
     for b in range(ch * CHUNK_BLOCKS, min(nblocks, (ch + 1) * CHUNK_BLOCKS)):
         for k in range(k0, k1):
             blk = _slice_block(buf, base + o * xs[0] + k * xs[2], shape[1], shape[3], xs[1],
-                               xs[3], b)
+                               xs[3], b, np.int64(0))
             row = part[(o * K + k) * nchunks + ch]
             _put(row, _merge_t(_get(row), blk, buf))
 
@@ -706,12 +718,24 @@ def _block_major(shape, xs):
 
 
 @jit
-def _slice_chunk(buf, p, nrows, rowlen, rs, es, b0, b1):
-    """State of blocks b0..b1-1 (merged left to right) of the nrows x rowlen slice at p."""
+def _slice_chunk(buf, p, nrows, rowlen, rs, es, b0, b1, pf):
+    """State of blocks b0..b1-1 (merged left to right) of the nrows x rowlen slice at p
+    (pf: see _block_moments)."""
     out = (0.0, 0.0, 0.0, 0.0, 0.0)
     for b in range(b0, b1):
-        out = _merge_t(out, _slice_block(buf, p, nrows, rowlen, rs, es, b), buf)
+        out = _merge_t(out, _slice_block(buf, p, nrows, rowlen, rs, es, b, pf), buf)
     return out
+
+
+@jit
+def _slices_pf(buf, shape, xs):
+    """Prefetch distance (elements) of the slice-major rows kernel: PF_AHEAD
+    bytes when x[o, k, r1, r0] is C-contiguous in that order, else 0."""
+    O, R1, K, R0 = shape[0], shape[1], shape[2], shape[3]
+    if (xs[3] == 1 and (R1 == 1 or xs[1] == R0) and (K == 1 or xs[2] == R1 * R0)
+            and (O == 1 or xs[0] == K * R1 * R0)):
+        return np.int64(PF_AHEAD // buf.itemsize)
+    return np.int64(0)
 
 
 @jit
@@ -723,7 +747,8 @@ def _rows_task(t, buf, base, shape, xs, nblocks, nchunks, part):
     o = sl // K
     k = sl % K
     st = _slice_chunk(buf, base + o * xs[0] + k * xs[2], shape[1], shape[3], xs[1], xs[3],
-                      ch * CHUNK_BLOCKS, min(nblocks, (ch + 1) * CHUNK_BLOCKS))
+                      ch * CHUNK_BLOCKS, min(nblocks, (ch + 1) * CHUNK_BLOCKS),
+                      _slices_pf(buf, shape, xs))
     _put(part[t], st)
 
 

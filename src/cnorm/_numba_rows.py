@@ -17,18 +17,19 @@ import math
 import numba
 import numpy as np
 
-from ._numba import (SERIAL_WORK, _blocks_in_slice, _dd_div_d, _ld, _max_threads, _numba_threads,
-                     _slice_chunk)
+from ._numba import (PF_AHEAD, SERIAL_WORK, _blocks_in_slice, _dd_div_d, _ld, _max_threads,
+                     _numba_threads, _slice_chunk)
 from ._numba_apply import _activate, _store_half
 from ._numba_policy import jit
 
 
 @jit
-def _row_stats(xr, L, eps, mode):
-    """(mean_hi, mean_lo, stored mean, variance or mean square, rstd) of one row."""
+def _row_stats(xr, L, eps, mode, pf):
+    """(mean_hi, mean_lo, stored mean, variance or mean square, rstd) of one row
+    (pf: prefetch distance in elements, rows back to back; or 0)."""
     zero = np.int64(0)
     one = np.int64(1)
-    st = _slice_chunk(xr, zero, one, L, zero, one, zero, _blocks_in_slice(one, L))
+    st = _slice_chunk(xr, zero, one, L, zero, one, zero, _blocks_in_slice(one, L), pf)
     n, mh, ml, qh, ql = st
     if mode == 0:
         if qh != qh:
@@ -81,11 +82,11 @@ def _scale_span(xr, out, i0, i1, mh, ml, rs, w, b, wi, act):
 
 
 @jit
-def _row(xr, out, r, eps, mode, w, b, psub, pmod, pmul, act, mean, var):
+def _row(xr, out, r, eps, mode, w, b, psub, pmod, pmul, act, mean, var, pf):
     """Row r: statistics into mean[r], var[r], normalized values (float64
     arithmetic) into out."""
     L = xr.shape[0]
-    mh, ml, mean[r], var[r], rs = _row_stats(xr, L, eps, mode)
+    mh, ml, mean[r], var[r], rs = _row_stats(xr, L, eps, mode, pf)
     pbase = (r % pmod) * pmul
     if psub == 1:
         _scale_span(xr, out, 0, L, mh, ml, rs, w, b, pbase, act)
@@ -96,30 +97,41 @@ def _row(xr, out, r, eps, mode, w, b, psub, pmod, pmul, act, mean, var):
 
 
 @jit
-def _row_any(xr, yr, fbuf, r, eps, mode, w, b, psub, pmod, pmul, act, mean, var, half):
+def _row_any(xr, yr, fbuf, r, eps, mode, w, b, psub, pmod, pmul, act, mean, var, half, pf):
     """_row into y; float16 (bits) through a float32 row, rounded like F16C."""
     if half:
-        _row(xr, fbuf, r, eps, mode, w, b, psub, pmod, pmul, act, mean, var)
+        _row(xr, fbuf, r, eps, mode, w, b, psub, pmod, pmul, act, mean, var, pf)
         _store_half(yr, fbuf)
     else:
-        _row(xr, yr, r, eps, mode, w, b, psub, pmod, pmul, act, mean, var)
+        _row(xr, yr, r, eps, mode, w, b, psub, pmod, pmul, act, mean, var, pf)
+
+
+@jit
+def _rows_pf(x):
+    """Prefetch distance (elements) for rows back to back in memory, else 0."""
+    if x.strides[0] == x.shape[1] * x.itemsize:
+        return np.int64(PF_AHEAD // x.itemsize)
+    return np.int64(0)
 
 
 @jit
 def _rows_serial(x, y, eps, mode, w, b, psub, pmod, pmul, act, mean, var, half):
     fbuf = np.empty(x.shape[1], np.float32)
+    pf = _rows_pf(x)
     for r in range(x.shape[0]):
-        _row_any(x[r], y[r], fbuf, r, eps, mode, w, b, psub, pmod, pmul, act, mean, var, half)
+        _row_any(x[r], y[r], fbuf, r, eps, mode, w, b, psub, pmod, pmul, act, mean, var, half,
+                 pf)
 
 
 @jit(parallel=True)
 def _rows_parallel(x, y, eps, mode, w, b, psub, pmod, pmul, act, mean, var, half, nblocks):
     R = x.shape[0]
+    pf = _rows_pf(x)
     for k in numba.prange(nblocks):
         fbuf = np.empty(x.shape[1], np.float32)
         for r in range(k * R // nblocks, (k + 1) * R // nblocks):
             _row_any(x[r], y[r], fbuf, r, eps, mode, w, b, psub, pmod, pmul, act, mean, var,
-                     half)
+                     half, pf)
 
 
 def _rows_view(a, R, L, rs, writeable):
