@@ -827,11 +827,11 @@ def _cols_block(buf, p, nrows, ncols, rs, cs, out):
         s2l[j] = 0.0
     contiguous = cs == 1
     nv = ncols - ncols % 8  # float64: eight-column lane steps, then the dd_add tail (as _simd.h)
-    # prefetch the four-row loop's rows 8-32 rows (~64 KiB) ahead when rows are at
-    # least 512 bytes apart (cn_cols_centred4_* in _simd.h: the hardware
+    # prefetch the four-row loop's rows ~32 KiB (8-256 rows) ahead when rows are
+    # at least 128 bytes apart (cols_block in _kernels.pyx: the hardware
     # prefetcher loses the short per-row streams); one hint per cache line
     item = buf.itemsize
-    pf = rs * min(32, max(8, 65536 // (rs * item))) if rs * item >= 512 else 0
+    pf = rs * min(256, max(8, 32768 // (rs * item))) if rs * item >= 128 else 0
     line = 64 // item
     r0 = 0
     if contiguous:
