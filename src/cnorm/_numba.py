@@ -739,16 +739,15 @@ def _slices_pf(buf, shape, xs):
 
 
 @jit
-def _rows_task(t, buf, base, shape, xs, nblocks, nchunks, part):
-    """Task t = (slice, chunk) of the rows kernel into part[t]."""
+def _rows_task(t, buf, base, shape, xs, nblocks, nchunks, pf, part):
+    """Task t = (slice, chunk) of the rows kernel into part[t] (pf: _slices_pf)."""
     K = shape[2]
     sl = t // nchunks
     ch = t % nchunks
     o = sl // K
     k = sl % K
     st = _slice_chunk(buf, base + o * xs[0] + k * xs[2], shape[1], shape[3], xs[1], xs[3],
-                      ch * CHUNK_BLOCKS, min(nblocks, (ch + 1) * CHUNK_BLOCKS),
-                      _slices_pf(buf, shape, xs))
+                      ch * CHUNK_BLOCKS, min(nblocks, (ch + 1) * CHUNK_BLOCKS), pf)
     _put(part[t], st)
 
 
@@ -779,8 +778,9 @@ def _rows_serial(buf, base, shape, xs, so, sk, states, soff):
                               part)
     else:
         part = np.empty((ntasks, 5))
+        pf = _slices_pf(buf, shape, xs)
         for t in range(ntasks):
-            _rows_task(np.int64(t), buf, base, shape, xs, nblocks, nchunks, part)
+            _rows_task(np.int64(t), buf, base, shape, xs, nblocks, nchunks, pf, part)
     _rows_merge(part, shape, nchunks, so, sk, states, soff)
 
 
@@ -800,8 +800,9 @@ def _rows_parallel(buf, base, shape, xs, so, sk, states, soff):
                               nchunks, part)
     else:
         part = np.empty((ntasks, 5))
+        pf = _slices_pf(buf, shape, xs)
         for t in prange(ntasks):
-            _rows_task(np.int64(t), buf, base, shape, xs, nblocks, nchunks, part)
+            _rows_task(np.int64(t), buf, base, shape, xs, nblocks, nchunks, pf, part)
     _rows_merge(part, shape, nchunks, so, sk, states, soff)
 
 
