@@ -60,6 +60,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 from numba.np.arrayobj import make_array, populate_array
 
+from . import _numba_simd
 from ._numba_policy import OVERLOAD_OPTIONS, jit
 
 __all__ = ["moments_4d", "moments_1d", "state_merge", "state_finalize", "merge_states",
@@ -521,47 +522,74 @@ def _opaque_impl(n):
     return lambda n: _llvm_opaque(np.int64(n))
 
 
-# The lane loops are written ``for j in range(nl)`` with ``nl`` (= LANES)
-# hidden from LLVM: with a constant 16, LLVM unrolls the loop into scalar code
-# (Numba runs no SLP vectorizer); with an unknown count it vectorizes it.  The
-# inner ``u`` loop (U consecutive groups of 16 elements, added to each lane in
-# order) amortizes the lanes' trip through memory.  Lane j still adds elements
-# j, j+16, j+32, ... in order: the arithmetic of the 16-lane loops of _simd.h.
+# The row loops add element i of a contiguous row to lane i % 16 (16
+# float64 lanes; double-double lanes for float64 input) and reduce the lanes
+# by a fixed pairwise tree: the arithmetic of the 16-lane loops of _simd.h.
+# The lane loop itself is LLVM vector code (cnorm._numba_simd), so the lanes
+# stay in registers; _lane_sums_loop is its plain definition.
 
 @jit
-def _row_centred(seg, n, c, lanes, nl, pf):
+def _lane_sums_loop(seg, nv, c, lanes):
+    """_lane_sums as scalar code (no float16 hardware, or NUMBA_DISABLE_JIT=1)."""
+    for i in range(0, nv, LANES):
+        for j in range(LANES):
+            x = _ld(seg, i + j)
+            if _is_f64(seg):
+                lanes[0, j], lanes[1, j], lanes[2, j], lanes[3, j] = _dd_step(
+                    lanes[0, j], lanes[1, j], lanes[2, j], lanes[3, j], x, c)
+            else:
+                d = x - c
+                lanes[0, j] = lanes[0, j] + d
+                lanes[1, j] = lanes[1, j] + d * d
+
+
+def _lane_sums(seg, nv, c, lanes, pf):
+    """Add the centred sums of seg[0:nv] (nv a multiple of 16) to the
+    lanes: element i to lane i % 16 of lanes[0] (Σ(x - c)) and lanes[1]
+    (Σ(x - c)²), double-double (lanes[0:4] = S1 hi, lo, S2 hi, lo) for
+    float64; pf > 0: prefetch pf elements ahead."""
+    _lane_sums_loop(seg, nv, c, lanes)
+
+
+@intrinsic
+def _llvm_lane_sums(typingctx, seg, nv, c, lanes, pf):
+    ok = (isinstance(seg, types.Array) and seg.ndim == 1 and _numba_simd.supported(seg.dtype)
+          and isinstance(lanes, types.Array) and lanes.ndim == 2 and lanes.layout == "C"
+          and lanes.dtype == types.float64)
+    if not ok:
+        return None
+    return types.void(seg, types.intp, types.float64, lanes, types.intp), \
+        _numba_simd.lane_loop_codegen
+
+
+@overload(_lane_sums, jit_options=OVERLOAD_OPTIONS)
+def _lane_sums_impl(seg, nv, c, lanes, pf):
+    if not (_numba_simd.supported(seg.dtype) and (seg.dtype != types.uint16 or NATIVE_HALF)):
+        return lambda seg, nv, c, lanes, pf: _lane_sums_loop(seg, nv, c, lanes)
+    if seg.layout == "C":
+        return lambda seg, nv, c, lanes, pf: _llvm_lane_sums(seg, np.intp(nv), np.float64(c),
+                                                             lanes, np.intp(pf))
+
+    def strided(seg, nv, c, lanes, pf):
+        # the vector loop reads the data pointer: only for unit stride
+        if seg.strides[0] == seg.itemsize:
+            _llvm_lane_sums(seg, np.intp(nv), np.float64(c), lanes, np.intp(pf))
+        else:
+            _lane_sums_loop(seg, nv, c, lanes)
+    return strided
+
+
+@jit
+def _row_centred(seg, n, c, lanes, pf):
     """(Σ(x - c), Σ(x - c)²) of a contiguous float16/float32 row, float64 lanes,
     prefetching pf elements ahead (0: none; see cn_prefetch16 in _simd.h)."""
     a1 = lanes[0]
     a2 = lanes[1]
-    for j in range(16):
+    for j in range(LANES):
         a1[j] = 0.0
         a2[j] = 0.0
-    nv = n - n % 16
-    line = 64 // seg.itemsize
-    i = 0
-    while i + 4 * nl <= nv:
-        if pf > 0:
-            for u in range(0, 4 * nl, line):
-                _prefetch(seg, i + pf + u)
-        s = seg[i:i + 4 * nl]
-        for j in range(nl):
-            v1 = a1[j]
-            v2 = a2[j]
-            for u in range(4):
-                d = _ld(s, j + u * nl) - c
-                v1 = v1 + d
-                v2 = v2 + d * d
-            a1[j] = v1
-            a2[j] = v2
-        i += 4 * nl
-    while i < nv:
-        s = seg[i:i + nl]
-        for j in range(nl):
-            d = _ld(s, j) - c
-            a1[j] = a1[j] + d
-            a2[j] = a2[j] + d * d
-        i += nl
+    nv = n - n % LANES
+    _lane_sums(seg, nv, c, lanes, pf)
     t1 = 0.0
     t2 = 0.0
     for i in range(nv, n):
@@ -572,36 +600,20 @@ def _row_centred(seg, n, c, lanes, nl, pf):
 
 
 @jit
-def _row_centred_dd(seg, n, c, lanes, nl, pf):
+def _row_centred_dd(seg, n, c, lanes, pf):
     """(S1h, S1l, S2h, S2l) of a contiguous float64 row, double-double lanes
     (pf: as _row_centred)."""
     h1 = lanes[0]
     l1 = lanes[1]
     h2 = lanes[2]
     l2 = lanes[3]
-    for j in range(16):
+    for j in range(LANES):
         h1[j] = 0.0
         l1[j] = 0.0
         h2[j] = 0.0
         l2[j] = 0.0
-    nv = n - n % 16
-    i = 0
-    while i + 4 * nl <= nv:
-        if pf > 0:
-            for u in range(0, 4 * nl, 8):
-                _prefetch(seg, i + pf + u)
-        s = seg[i:i + 4 * nl]
-        for j in range(nl):
-            v1h, v1l, v2h, v2l = h1[j], l1[j], h2[j], l2[j]
-            for u in range(4):
-                v1h, v1l, v2h, v2l = _dd_step(v1h, v1l, v2h, v2l, _ld(s, j + u * nl), c)
-            h1[j], l1[j], h2[j], l2[j] = v1h, v1l, v2h, v2l
-        i += 4 * nl
-    while i < nv:
-        s = seg[i:i + nl]
-        for j in range(nl):
-            h1[j], l1[j], h2[j], l2[j] = _dd_step(h1[j], l1[j], h2[j], l2[j], _ld(s, j), c)
-        i += nl
+    nv = n - n % LANES
+    _lane_sums(seg, nv, c, lanes, pf)
     for i in range(nv, n):  # the tail goes to lane 0
         d, de, q, qe = _centred_terms(_ld(seg, i), c)
         h1[0], l1[0] = _dd_add(h1[0], l1[0], d, de)
@@ -623,7 +635,6 @@ def _block_moments(buf, p, nrows, rowlen, rs, es, pf):
     a scalar loop with the same arithmetic.
     """
     lanes = _stack_2d(4, 16)
-    nl = _opaque(LANES)
     n = np.float64(nrows * rowlen)
     c = _ld(buf, p)
     s1h = 0.0
@@ -637,11 +648,11 @@ def _block_moments(buf, p, nrows, rowlen, rs, es, pf):
         if contiguous:
             seg = buf[q:q + rowlen]
             if _is_f64(buf):
-                a1h, a1l, a2h, a2l = _row_centred_dd(seg, rowlen, c, lanes, nl, rpf)
+                a1h, a1l, a2h, a2l = _row_centred_dd(seg, rowlen, c, lanes, rpf)
                 s1h, s1l = _dd_add(s1h, s1l, a1h, a1l)
                 s2h, s2l = _dd_add(s2h, s2l, a2h, a2l)
             else:
-                a1, a2 = _row_centred(seg, rowlen, c, lanes, nl, rpf)
+                a1, a2 = _row_centred(seg, rowlen, c, lanes, rpf)
                 s1h = s1h + a1
                 s2h = s2h + a2
         elif _is_f64(buf):
@@ -678,7 +689,7 @@ def _blocks_in_slice(nrows, rowlen):
     return (nrows + g - 1) // g
 
 
-@jit
+@jit(inline="always")
 def _slice_block(buf, p, nrows, rowlen, rs, es, b, pf):
     """State of block b of the nrows x rowlen slice at p (as _slice_chunk cuts it)."""
     if rowlen >= BLOCK:
@@ -717,7 +728,7 @@ def _block_major(shape, xs):
     return shape[2] > 1 and shape[1] > 1 and 0 < xs[2] < xs[1]
 
 
-@jit
+@jit(inline="always")
 def _slice_chunk(buf, p, nrows, rowlen, rs, es, b0, b1, pf):
     """State of blocks b0..b1-1 (merged left to right) of the nrows x rowlen slice at p
     (pf: see _block_moments)."""

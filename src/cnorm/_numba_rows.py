@@ -23,7 +23,7 @@ from ._numba_apply import _activate, _store_half
 from ._numba_policy import jit
 
 
-@jit
+@jit(inline="always")
 def _row_stats(xr, L, eps, mode, pf):
     """(mean_hi, mean_lo, stored mean, variance or mean square, rstd) of one row
     (pf: prefetch distance in elements, rows back to back; or 0)."""
@@ -50,7 +50,7 @@ def _row_stats(xr, L, eps, mode, pf):
     return mh, ml, mean, var, 1.0 / math.sqrt(var + eps)
 
 
-@jit
+@jit(inline="always")
 def _scale_span(xr, out, i0, i1, mh, ml, rs, w, b, wi, act):
     """out[i] = act((((x[i] - mh) - ml) * rs) * w[.] + b[.]) for i in [i0, i1): the
     parameters per element from index wi + i - i0 (``wi >= 0``) or w[-wi-1] for all.
@@ -81,7 +81,7 @@ def _scale_span(xr, out, i0, i1, mh, ml, rs, w, b, wi, act):
                                    act)
 
 
-@jit
+@jit(inline="always")
 def _row(xr, out, r, eps, mode, w, b, psub, pmod, pmul, act, mean, var, pf):
     """Row r: statistics into mean[r], var[r], normalized values (float64
     arithmetic) into out."""
@@ -96,7 +96,7 @@ def _row(xr, out, r, eps, mode, w, b, psub, pmod, pmul, act, mean, var, pf):
                         act)
 
 
-@jit
+@jit(inline="always")
 def _row_any(xr, yr, fbuf, r, eps, mode, w, b, psub, pmod, pmul, act, mean, var, half, pf):
     """_row into y; float16 (bits) through a float32 row, rounded like F16C."""
     if half:
@@ -187,7 +187,7 @@ def norm_rows(x, y, R, L, xrs, yrs, eps, mode, w, b, psub, pmod, pmul, act, mean
 
 
 # ------------------------------------------------------------------ scale_rows (batch norm's output pass)
-@jit
+@jit(inline="always")
 def _scale_row(xr, out, r, mh, ml, rs, smod, w, b, psub, pmod, pmul, act):
     """NCHW: row r uses statistic r % smod; parameters as in _row."""
     L = xr.shape[0]
@@ -226,7 +226,7 @@ def _percol_block(x, y, fbuf, r0, r1, mh, ml, rs, w, b, act, half):
             _percol_span(x[r], y[r], mh, ml, rs, w, b, act)
 
 
-@jit
+@jit(inline="always")
 def _scale_row_any(xr, yr, fbuf, r, mh, ml, rs, smod, w, b, psub, pmod, pmul, act, half):
     if half:
         _scale_row(xr, fbuf, r, mh, ml, rs, smod, w, b, psub, pmod, pmul, act)
