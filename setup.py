@@ -12,6 +12,7 @@ Flags are portable: -O3, no fast-math flags, no tuning for the build host, and
 -ffp-contract=off so that the compiler never fuses a*b+c on its own: the
 compensated sums depend on every rounding being the one written.
 """
+import glob
 import os
 import platform
 import shutil
@@ -61,6 +62,7 @@ for name in KERNEL_MODULES:
         extensions.append(Extension(
             "cnorm." + name + suffix, [kernel_source(name, suffix)],
             include_dirs=[np.get_include(), PKG],
+            depends=sorted(glob.glob(os.path.join("src", "cnorm", "*.h"))),
             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
             extra_compile_args=COMMON + flags,
             extra_link_args=["-fopenmp"],

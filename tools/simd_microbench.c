@@ -73,7 +73,7 @@ static int check(void) {
     static float xf[NMAX];
     static uint16_t xh[NMAX];
     static const ptrdiff_t extra[] = {127, 128, 129, 255, 256, 1000, 1023, 1024, 1031, 4096, 4111};
-    const char *names[] = {"sum_f16", "sum_f32", "sum_f64", "centred_f16", "centred_f32",
+    const char *names[] = {"cols4_f16", "cols4_f32", "cols4_f64", "centred_f16", "centred_f32",
                            "centred_f64", "cols_f16", "cols_f32", "cols_f64"};
     uint64_t h[9];
     for (int k = 0; k < 9; k++) h[k] = 0xcbf29ce484222325ull;
@@ -97,7 +97,18 @@ static int check(void) {
             s1 = 0.5; s2 = 0.25;
             cn_centred_f64(xd + off, n, c, &s1, &s1l, &s2, &s2l, 0);
             h[5] = fnv(fnv(fnv(fnv(h[5], s1), s1l), s2), s2l);
-            /* columns: three rows of n columns accumulated into the same sums */
+            /* columns: three rows of n columns accumulated into the same sums,
+             * and four rows at once (byte stride n elements) */
+            for (int which = 0; which < 3 && n <= 1000; which++) {
+                for (int k = 0; k < 4; k++)
+                    for (ptrdiff_t j = 0; j < n; j++) a[k][j] = k == 0 ? 0.125 : 0.0;
+                if (which == 0) cn_cols_centred4_f16(xh + off, n * 2, n, c8, a[0], a[1], 0);
+                if (which == 1) cn_cols_centred4_f32(xf + off, n * 4, n, c8, a[0], a[1], 0);
+                if (which == 2)
+                    cn_cols_centred4_f64(xd + off, n * 8, n, c8, a[0], a[1], a[2], a[3], 0);
+                for (int k = 0; k < (which == 2 ? 4 : 2); k++)
+                    for (ptrdiff_t j = 0; j < n; j++) h[which] = fnv(h[which], a[k][j]);
+            }
             if (n > 1400) continue;
             for (int which = 6; which < 9; which++) {
                 for (int k = 0; k < 4; k++)

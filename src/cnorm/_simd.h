@@ -158,6 +158,45 @@ static inline void cn_double8_to_half(const double *in, uint16_t *p) {
  * the levels with w < CN_VW run on the elements of v[0].  All of this is the
  * same IEEE operations on the same operands in the same order as one scalar
  * loop per lane. */
+/* The 4-wide (256-bit) family, cn_y*: the native vectors of the AVX2 level,
+ * and on AVX-512 the vectors of the float32 statistics loops.  Those loops
+ * (two conversions, subtraction, product and two additions per element) ran
+ * faster in 256-bit than in 512-bit vectors on this AMD EPYC (Zen 4 core
+ * layout: a zmm operation takes both halves of the 256-bit pipes), L1-resident,
+ * tools/simd_microbench.c, the same AVX-512 build: rows 0.135 -> 0.104
+ * ns/element, four-row columns 0.136 -> 0.109; float16 (0.139 -> 0.155) and
+ * the float64 double-double loop (0.515 -> 0.60) were slower, so they keep
+ * the native width.  The lanes and the tree are those of the layout above,
+ * so the results are the same bits at either width. */
+#if defined(__AVX__)
+typedef double cn_yd __attribute__((vector_size(32)));
+
+static inline cn_yd cn_ysplat(double c) { return (cn_yd){c, c, c, c}; }
+static inline cn_yd cn_yld_f64(const double *p) {
+    cn_yd v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+static inline void cn_yst_f64(double *p, cn_yd v) { memcpy(p, &v, sizeof v); }
+static inline cn_yd cn_yld_f32(const float *p) { return (cn_yd)_mm256_cvtps_pd(_mm_loadu_ps(p)); }
+#if defined(__FMA__)   /* a + b and a - b on the multiply-add pipes (see cn_vadd_fu) */
+static inline cn_yd cn_yadd_fu(cn_yd a, cn_yd b) {
+    return (cn_yd)_mm256_fmadd_pd((__m256d)b, _mm256_set1_pd(1.0), (__m256d)a);
+}
+static inline cn_yd cn_ysub_fu(cn_yd a, cn_yd b) {
+    return (cn_yd)_mm256_fmadd_pd((__m256d)b, _mm256_set1_pd(-1.0), (__m256d)a);
+}
+#else
+static inline cn_yd cn_yadd_fu(cn_yd a, cn_yd b) { return a + b; }
+static inline cn_yd cn_ysub_fu(cn_yd a, cn_yd b) { return a - b; }
+#endif
+/* the 16-lane tree (w = 8, 4 on vectors; w = 2, 1 on elements) */
+static inline double cn_ytree16(const cn_yd *a) {
+    cn_yd v = (a[0] + a[2]) + (a[1] + a[3]);
+    return (v[0] + v[2]) + (v[1] + v[3]);
+}
+#endif
+
 #if defined(__AVX512F__)
 #define CN_VW 8
 #elif defined(__AVX__)
@@ -195,7 +234,7 @@ static inline cn_vd cn_vld_f32(const float *p) {
 #if CN_VW == 8
     return (cn_vd)_mm512_cvtps_pd(_mm256_loadu_ps(p));
 #elif CN_VW == 4
-    return (cn_vd)_mm256_cvtps_pd(_mm_loadu_ps(p));
+    return cn_yld_f32(p);
 #elif CN_VW == 2 && defined(__SSE2__)
     return (cn_vd)_mm_cvtps_pd(_mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)p)));
 #else
@@ -240,10 +279,8 @@ static inline cn_vd cn_vld_f16(const uint16_t *p) {
 static inline cn_vd cn_vadd_fu(cn_vd a, cn_vd b) {
     return (cn_vd)_mm512_fmadd_pd((__m512d)b, _mm512_set1_pd(1.0), (__m512d)a);
 }
-#elif CN_VW == 4 && defined(__FMA__)
-static inline cn_vd cn_vadd_fu(cn_vd a, cn_vd b) {
-    return (cn_vd)_mm256_fmadd_pd((__m256d)b, _mm256_set1_pd(1.0), (__m256d)a);
-}
+#elif CN_VW == 4
+static inline cn_vd cn_vadd_fu(cn_vd a, cn_vd b) { return cn_yadd_fu(a, b); }
 #else
 static inline cn_vd cn_vadd_fu(cn_vd a, cn_vd b) { return a + b; }
 #endif
@@ -254,10 +291,8 @@ static inline cn_vd cn_vadd_fu(cn_vd a, cn_vd b) { return a + b; }
 static inline cn_vd cn_vsub_fu(cn_vd a, cn_vd b) {
     return (cn_vd)_mm512_fmadd_pd((__m512d)b, _mm512_set1_pd(-1.0), (__m512d)a);
 }
-#elif CN_VW == 4 && defined(__FMA__)
-static inline cn_vd cn_vsub_fu(cn_vd a, cn_vd b) {
-    return (cn_vd)_mm256_fmadd_pd((__m256d)b, _mm256_set1_pd(-1.0), (__m256d)a);
-}
+#elif CN_VW == 4
+static inline cn_vd cn_vsub_fu(cn_vd a, cn_vd b) { return cn_ysub_fu(a, b); }
 #else
 static inline cn_vd cn_vsub_fu(cn_vd a, cn_vd b) { return a - b; }
 #endif
@@ -266,13 +301,12 @@ static inline cn_vd cn_vsub_fu(cn_vd a, cn_vd b) { return a - b; }
  * lane[j] += lane[j + w] for w = 8, 4, 2, 1 (j < w).  The levels with
  * w >= CN_VW add whole vectors, the others add elements of the remaining
  * vector.  Spelled out without loops so that the lanes stay in registers. */
-static inline double cn_tree16(const cn_vd *a) {
+static inline double cn_vtree16(const cn_vd *a) {
 #if CN_VW == 8      /* w = 8 on vectors; w = 4, 2, 1 on elements */
     cn_vd v = a[0] + a[1];
     return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
-#elif CN_VW == 4    /* w = 8, 4 on vectors; w = 2, 1 on elements */
-    cn_vd v = (a[0] + a[2]) + (a[1] + a[3]);
-    return (v[0] + v[2]) + (v[1] + v[3]);
+#elif CN_VW == 4
+    return cn_ytree16(a);
 #else               /* w = 8, 4, 2 on vectors; w = 1 on elements */
     cn_vd v = ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
     return v[0] + v[1];
@@ -339,32 +373,44 @@ static inline void cn_prefetch16(const void *p, size_t item, ptrdiff_t pf) {
     }
 }
 
-#define CN_DEFINE_ROW(SUFFIX, T, VLOAD, CONV)                                     \
+/* The row, column and four-row column loops below are written once for a
+ * vector family P (v: native width, y: 4-wide), whose vectors cn_<P>d hold
+ * CN_W(P) doubles and whose helpers are cn_<P>splat, cn_<P>ld_<type>,
+ * cn_<P>st_f64, cn_<P>add_fu and cn_<P>tree16. */
+#define CN_W(P) ((int)(sizeof(cn_##P##d) / sizeof(double)))
+#if defined(__AVX__)
+#define CN_F32_FAMILY(DEFINE, ...) DEFINE(f32, float, y, __VA_ARGS__)
+#else
+#define CN_F32_FAMILY(DEFINE, ...) DEFINE(f32, float, v, __VA_ARGS__)
+#endif
+
+#define CN_DEFINE_ROW(SUFFIX, T, P, CONV)                                         \
 /* the one pass: S1 += sum(x - c), S2 += sum((x - c)^2) in float64 */           \
 static inline void cn_centred_##SUFFIX(const T *__restrict p, ptrdiff_t n,        \
                                        double c, double *s1, double *s2,         \
                                        ptrdiff_t pf) {                           \
-    cn_vd a[CN_NV], q[CN_NV], cv = cn_vsplat(c);                                 \
-    for (int k = 0; k < CN_NV; k++) a[k] = q[k] = cn_vsplat(0.0);                \
+    enum { W = CN_W(P), NV = 16 / CN_W(P) };                                     \
+    cn_##P##d a[NV], q[NV], cv = cn_##P##splat(c);                               \
+    for (int k = 0; k < NV; k++) a[k] = q[k] = cn_##P##splat(0.0);               \
     ptrdiff_t i, nv = n - n % 16;                                                \
     for (i = 0; i < nv; i += 16)                                                 \
-        for (int k = 0; k < CN_NV; k++) {                                        \
+        for (int k = 0; k < NV; k++) {                                           \
             if (k == 0 && (sizeof(T) > 2 || i % 32 == 0))                        \
                 cn_prefetch16(p + i, sizeof(T), pf);                             \
-            cn_vd d = VLOAD(p + i + k * CN_VW) - cv;                             \
-            a[k] = cn_vadd_fu(a[k], d);  /* a[k] + d, on the FMA pipes */        \
-            q[k] = cn_vadd_fu(q[k], d * d);                                      \
+            cn_##P##d d = cn_##P##ld_##SUFFIX(p + i + k * W) - cv;               \
+            a[k] = cn_##P##add_fu(a[k], d);  /* a[k] + d, on the FMA pipes */    \
+            q[k] = cn_##P##add_fu(q[k], d * d);                                  \
         }                                                                        \
     double t1 = 0.0, t2 = 0.0;                                                   \
     for (; i < n; i++) { double d = CONV(p[i]) - c; t1 += d; t2 += d * d; }       \
-    *s1 += cn_tree16(a) + t1;                                                    \
-    *s2 += cn_tree16(q) + t2;                                                    \
+    *s1 += cn_##P##tree16(a) + t1;                                               \
+    *s2 += cn_##P##tree16(q) + t2;                                               \
 }
 
 #define CN_CONV_F(v) ((double)(v))
 #define CN_CONV_H(v) cn_half_to_double(v)
-CN_DEFINE_ROW(f16, uint16_t, cn_vld_f16, CN_CONV_H)
-CN_DEFINE_ROW(f32, float, cn_vld_f32, CN_CONV_F)
+CN_DEFINE_ROW(f16, uint16_t, v, CN_CONV_H)
+CN_F32_FAMILY(CN_DEFINE_ROW, CN_CONV_F)
 
 /* float64: the same sums in double-double.  d = x - c exactly as
  * d + de (TwoSum); S1 += d and S2 += d^2 (exact product by FMA/Dekker, plus
@@ -395,7 +441,7 @@ static inline void cn_vdd_add(cn_vd *h, cn_vd *l, cn_vd bh, cn_vd bl) {
 }
 
 /* The double-double tree over 16 lanes (h[k], l[k]): the pairing of
- * cn_tree16 with cn_dd_add at every node; lane 0's result goes to *H, *L.
+ * cn_vtree16 with cn_dd_add at every node; lane 0's result goes to *H, *L.
  * The levels w >= CN_VW run on whole vectors, the rest on scalars. */
 static inline void cn_dd_tree16(cn_vd *h, cn_vd *l, double *H, double *L) {
 #if CN_NV == 8      /* w = 8 */
@@ -476,21 +522,21 @@ static inline void cn_centred_f64(const double *__restrict p, ptrdiff_t n, doubl
  * keeps double-double sums (h1, l1, h2, l2).  Columns are independent, so
  * the vector width does not matter, but the split does: columns below
  * n - n % 8 take the vector step, the rest the scalar tail (for float64 the
- * two differ in rounding), eight columns (8 / CN_VW vectors) at a time. */
-#define CN_DEFINE_COLS(SUFFIX, T, VLOAD, CONV)                                    \
+ * two differ in rounding), eight columns (8 / CN_W(P) vectors) at a time. */
+#define CN_DEFINE_COLS(SUFFIX, T, P, CONV)                                        \
 static inline void cn_cols_centred_##SUFFIX(const T *__restrict x, ptrdiff_t n,   \
         const double *__restrict c, double *__restrict s1, double *__restrict s2) { \
     ptrdiff_t j, nv = n - n % 8;                                                 \
     for (j = 0; j < nv; j += 8)                                                  \
-        for (int k = 0; k < 8; k += CN_VW) {                                     \
-            cn_vd d = VLOAD(x + j + k) - cn_vld_f64(c + j + k);                  \
-            cn_vst_f64(s1 + j + k, cn_vadd_fu(cn_vld_f64(s1 + j + k), d));       \
-            cn_vst_f64(s2 + j + k, cn_vld_f64(s2 + j + k) + d * d);              \
+        for (int k = 0; k < 8; k += CN_W(P)) {                                   \
+            cn_##P##d d = cn_##P##ld_##SUFFIX(x + j + k) - cn_##P##ld_f64(c + j + k); \
+            cn_##P##st_f64(s1 + j + k, cn_##P##add_fu(cn_##P##ld_f64(s1 + j + k), d)); \
+            cn_##P##st_f64(s2 + j + k, cn_##P##ld_f64(s2 + j + k) + d * d);     \
         }                                                                        \
     for (; j < n; j++) { double d = CONV(x[j]) - c[j]; s1[j] += d; s2[j] += d * d; } \
 }
-CN_DEFINE_COLS(f16, uint16_t, cn_vld_f16, CN_CONV_H)
-CN_DEFINE_COLS(f32, float, cn_vld_f32, CN_CONV_F)
+CN_DEFINE_COLS(f16, uint16_t, v, CN_CONV_H)
+CN_F32_FAMILY(CN_DEFINE_COLS, CN_CONV_F)
 
 /* Four rows (byte stride rs) at once: the column sums stay in registers for
  * four additions instead of a load and a store per row.  Each column still
@@ -507,24 +553,24 @@ static inline void cn_prefetch_rows4(const char *p, ptrdiff_t rs, ptrdiff_t off)
     for (int r = 0; r < 4; r++) cn_prefetch_line(p + r * rs + off);
 }
 
-#define CN_DEFINE_COLS4(SUFFIX, T, VLOAD, CONV)                                   \
+#define CN_DEFINE_COLS4(SUFFIX, T, P, CONV)                                       \
 static inline void cn_cols_centred4_##SUFFIX(const T *__restrict x, ptrdiff_t rs, \
         ptrdiff_t n, const double *__restrict c, double *__restrict s1,          \
         double *__restrict s2, ptrdiff_t pf) {                                   \
     const char *b = (const char *)x;                                             \
     ptrdiff_t j, nv = n - n % 8;                                                 \
     for (j = 0; j < nv; j += 8)                                                  \
-        for (int k = 0; k < 8; k += CN_VW) {                                     \
+        for (int k = 0; k < 8; k += CN_W(P)) {                                   \
             if (pf && k == 0) cn_prefetch_rows4(b + pf, rs, j * sizeof(T));     \
-            cn_vd cv = cn_vld_f64(c + j + k);                                    \
-            cn_vd a = cn_vld_f64(s1 + j + k), q = cn_vld_f64(s2 + j + k);        \
+            cn_##P##d cv = cn_##P##ld_f64(c + j + k);                            \
+            cn_##P##d a = cn_##P##ld_f64(s1 + j + k), q = cn_##P##ld_f64(s2 + j + k); \
             for (int r = 0; r < 4; r++) {                                        \
-                cn_vd d = VLOAD((const T *)(b + r * rs) + j + k) - cv;           \
-                a = cn_vadd_fu(a, d);                                            \
-                q = cn_vadd_fu(q, d * d);                                        \
+                cn_##P##d d = cn_##P##ld_##SUFFIX((const T *)(b + r * rs) + j + k) - cv; \
+                a = cn_##P##add_fu(a, d);                                        \
+                q = cn_##P##add_fu(q, d * d);                                    \
             }                                                                    \
-            cn_vst_f64(s1 + j + k, a);                                           \
-            cn_vst_f64(s2 + j + k, q);                                           \
+            cn_##P##st_f64(s1 + j + k, a);                                       \
+            cn_##P##st_f64(s2 + j + k, q);                                       \
         }                                                                        \
     for (int r = 0; r < 4; r++)                                                  \
         for (ptrdiff_t t = j; t < n; t++) {                                      \
@@ -533,8 +579,8 @@ static inline void cn_cols_centred4_##SUFFIX(const T *__restrict x, ptrdiff_t rs
             s2[t] += d * d;                                                      \
         }                                                                        \
 }
-CN_DEFINE_COLS4(f16, uint16_t, cn_vld_f16, CN_CONV_H)
-CN_DEFINE_COLS4(f32, float, cn_vld_f32, CN_CONV_F)
+CN_DEFINE_COLS4(f16, uint16_t, v, CN_CONV_H)
+CN_F32_FAMILY(CN_DEFINE_COLS4, CN_CONV_F)
 
 static inline void cn_cols_centred_f64(const double *__restrict x, ptrdiff_t n,
         const double *__restrict c, double *__restrict h1, double *__restrict l1,
