@@ -26,13 +26,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
+#include "microbench_timing.h"
 
-static double now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
 
 static uint64_t rng_state = 0x243f6a8885a308d3ull;
 static uint64_t rng(void) {
@@ -121,20 +116,6 @@ static int check(void) {
     return 0;
 }
 
-/* best of several trials of `reps` calls over nelem elements */
-#define TIME(label, nelem, reps, stmt) do {                                       \
-    double best_ = 1e30;                                                         \
-    for (int trial_ = 0; trial_ < 7; trial_++) {                                 \
-        double t_ = now();                                                       \
-        for (int r_ = 0; r_ < (reps); r_++) {                                    \
-            stmt;                                                                \
-            __asm__ volatile("" ::: "memory");                                   \
-        }                                                                        \
-        t_ = (now() - t_) / (reps) / (nelem) * 1e9;                              \
-        if (t_ < best_) best_ = t_;                                              \
-    }                                                                            \
-    printf("%-24s %7.3f ns/elem\n", label, best_);                               \
-} while (0)
 
 int main(int argc, char **argv) {
     if (argc > 1 && !strcmp(argv[1], "check")) return check();

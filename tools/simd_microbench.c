@@ -24,13 +24,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
+#include "microbench_timing.h"
 
-static double now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec + t.tv_nsec * 1e-9;
-}
 
 /* deterministic data (xorshift64*) */
 static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
@@ -129,20 +124,6 @@ static int check(void) {
     return 0;
 }
 
-/* ---- timing: best of several trials of `reps` calls over n elements ---- */
-#define TIME(label, nelem, reps, stmt) do {                                       \
-    double best_ = 1e30;                                                         \
-    for (int trial_ = 0; trial_ < 7; trial_++) {                                 \
-        double t_ = now();                                                       \
-        for (int r_ = 0; r_ < (reps); r_++) {                                    \
-            stmt;                                                                \
-            __asm__ volatile("" ::: "memory");                                   \
-        }                                                                        \
-        t_ = (now() - t_) / (reps) / (nelem) * 1e9;                              \
-        if (t_ < best_) best_ = t_;                                              \
-    }                                                                            \
-    printf("%-18s %7.3f ns/elem\n", label, best_);                               \
-} while (0)
 
 int main(int argc, char **argv) {
     if (argc > 1 && !strcmp(argv[1], "check")) return check();
