@@ -14,7 +14,8 @@
  *
  * The `check` digests (all lines but the first) must be identical for every
  * -march level and for any rewrite of the header: the apply pass is the same
- * float64 expression on every path.  -DCN_APPLY_HEADER='"path/_apply_simd.h"'
+ * float64 expression on every path (float16: the float32 expression of
+ * _apply_h32.h, the row_f16 / percol_f16 lines).  -DCN_APPLY_HEADER='"path/_apply_simd.h"'
  * builds the driver against another copy of the header (e.g. an older
  * revision; its directory must hold the _simd.h it includes).
  * Run only on a CPU that supports the level it was compiled for.
@@ -23,6 +24,7 @@
 #define CN_APPLY_HEADER "_apply_simd.h"
 #endif
 #include CN_APPLY_HEADER
+#include "_apply_h32.h"
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -47,6 +49,7 @@ static uint64_t fnv_bytes(uint64_t h, const void *p, size_t n) {
 enum { NMAX = 2100 };
 static double xd[NMAX], yd[NMAX], mh[NMAX], ml[NMAX], rs[NMAX], w[NMAX], b[NMAX];
 static float xf[NMAX], yf[NMAX];
+static cn_h32_prep hp;   /* float32 copies of w, b, mh, ml, rs for the float16 loops */
 static uint16_t xh[NMAX], yh[NMAX];
 
 /* inputs around 3 with a few negatives, zeros, -0.0 and a NaN; statistics
@@ -66,6 +69,22 @@ static void gen(void) {
         w[i] = unif() - 0.25;
         b[i] = unif() - 0.5;
     }
+    cn_h32_release(&hp);
+    if (!cn_h32_prepare(&hp, w, b, NMAX, mh, ml, rs, NMAX)) abort();
+}
+
+/* the float16 row as _kernels.pyx calls it: statistics per element from the
+ * float32 copies, or the row's own converted once */
+static void row_h32(const uint16_t *x, uint16_t *y, ptrdiff_t n, int svec, int pvec, int noaff,
+                    int relu) {
+    float m0, m1, r0, one = 1.0f, zero = 0.0f;
+    const float *wp = noaff ? &one : hp.w, *bp = noaff ? &zero : hp.b;
+    if (svec) {
+        cn_apply_row_h32(x, y, n, hp.m0, hp.m1, hp.r0, 1, wp, bp, pvec, 0, relu);
+        return;
+    }
+    if (!cn_h32_stats(mh[0], ml[0], rs[0], &m0, &m1, &r0)) abort();
+    cn_apply_row_h32(x, y, n, &m0, &m1, &r0, 0, wp, bp, pvec, noaff, relu);
 }
 
 static int check(void) {
@@ -88,8 +107,7 @@ static int check(void) {
                 const double *wp = noaff ? &one : w, *bp = noaff ? &zero : b;
                 for (int stream = 0; stream < 2; stream++) {
                     memset(yh, 0, sizeof yh); memset(yf, 0, sizeof yf); memset(yd, 0, sizeof yd);
-                    cn_apply_row_f16(xh + off, yh + off, n, mh, ml, rs, svec, wp, bp, pvec, relu,
-                                     stream);
+                    row_h32(xh + off, yh + off, n, svec, pvec, noaff, relu);
                     cn_apply_row_f32(xf + off, yf + off, n, mh, ml, rs, svec, wp, bp, pvec, relu,
                                      stream);
                     cn_apply_row_f64(xd + off, yd + off, n, mh, ml, rs, svec, wp, bp, pvec, relu,
@@ -103,7 +121,7 @@ static int check(void) {
         const ptrdiff_t L = n / 8 + 1, R = NMAX / L < 11 ? NMAX / L : 11;
         for (int relu = 0; relu < 2; relu++) {
             memset(yh, 0, sizeof yh); memset(yf, 0, sizeof yf); memset(yd, 0, sizeof yd);
-            cn_apply_rows_percol_f16(xh, yh, R, L, mh, ml, rs, w, b, relu, 0);
+            cn_apply_rows_percol_h32(xh, yh, R, L, hp.m0, hp.m1, hp.r0, hp.w, hp.b, relu);
             cn_apply_rows_percol_f32(xf, yf, R, L, mh, ml, rs, w, b, relu, 0);
             cn_apply_rows_percol_f64(xd, yd, R, L, mh, ml, rs, w, b, relu, 0);
             h[3] = fnv_bytes(h[3], yh, sizeof yh);
@@ -125,13 +143,13 @@ int main(int argc, char **argv) {
     const double one = 1.0, zero = 0.0;
     const int reps = 200000;
     printf("isa %s, rows of %d, channels-last rows of %d\n", cn_isa_name(), N, L);
-    TIME("row_f16", N, reps, cn_apply_row_f16(xh, yh, N, mh, ml, rs, 0, &one, &zero, 0, 0, 0));
-    TIME("row_f16 affine", N, reps, cn_apply_row_f16(xh, yh, N, mh, ml, rs, 0, w, b, 1, 0, 0));
+    TIME("row_f16", N, reps, row_h32(xh, yh, N, 0, 0, 1, 0));
+    TIME("row_f16 affine", N, reps, row_h32(xh, yh, N, 0, 1, 0, 0));
     TIME("row_f32", N, reps, cn_apply_row_f32(xf, yf, N, mh, ml, rs, 0, &one, &zero, 0, 0, 0));
     TIME("row_f32 affine", N, reps, cn_apply_row_f32(xf, yf, N, mh, ml, rs, 0, w, b, 1, 0, 0));
     TIME("row_f64", N, reps, cn_apply_row_f64(xd, yd, N, mh, ml, rs, 0, &one, &zero, 0, 0, 0));
     TIME("row_f64 affine", N, reps, cn_apply_row_f64(xd, yd, N, mh, ml, rs, 0, w, b, 1, 0, 0));
-    TIME("rows_percol_f16", N, reps, cn_apply_rows_percol_f16(xh, yh, N / L, L, mh, ml, rs, w, b, 0, 0));
+    TIME("rows_percol_f16", N, reps, cn_apply_rows_percol_h32(xh, yh, N / L, L, hp.m0, hp.m1, hp.r0, hp.w, hp.b, 0));
     TIME("rows_percol_f32", N, reps, cn_apply_rows_percol_f32(xf, yf, N / L, L, mh, ml, rs, w, b, 0, 0));
     TIME("rows_percol_f64", N, reps, cn_apply_rows_percol_f64(xd, yd, N / L, L, mh, ml, rs, w, b, 0, 0));
     return 0;

@@ -7,8 +7,8 @@
 with per-element statistics and parameters given by broadcast strides, so the
 same kernel serves every layer (LayerNorm, RMSNorm, BatchNorm NCHW/NHWC,
 GroupNorm, InstanceNorm): the layer only decides which statistic and which
-parameter each element uses.  Arithmetic is float64 for every dtype; the
-result is rounded once to the output dtype.  Rows are processed in chunks of
+parameter each element uses.  Arithmetic is float64, except for float16 data:
+float32 (``_apply_h32.h``); the result is rounded once to the output dtype.  Rows are processed in chunks of
 ``CHUNK`` elements through an L1 buffer: load/convert, centre and scale,
 activation, convert/store, each a simple loop the compiler vectorizes.
 """
@@ -45,8 +45,8 @@ cdef void apply_row(const char* x, Py_ssize_t xs, char* y, Py_ssize_t ys, Py_ssi
     for i0 in range(0, n, CHUNK):
         m = min(CHUNK, n - i0)
         load_chunk(x + i0 * xs, xs, m, buf, xtag)
-        scale_chunk(buf, m, mh + i0 * ss, ml + i0 * ss, rs + i0 * ss, ss != 0,
-                    w + i0 * ps, b + i0 * ps, ps != 0)
+        scale_chunk_io(buf, m, mh + i0 * ss, ml + i0 * ss, rs + i0 * ss, ss != 0,
+                       w + i0 * ps, b + i0 * ps, ps != 0, xtag)
         if act != ACT_NONE:
             activate(buf, m, act)
         store_chunk(y + i0 * ys, ys, m, buf, ytag)

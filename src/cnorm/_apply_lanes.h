@@ -37,15 +37,14 @@ static inline cn_ad cn_a_splat(double d) {
     return v;
 }
 
-/* a - b of the apply expression.  float16 and float32 take it to the
- * multiply-add pipes (cn_vsub_fu: the same bits; a NaN's payload may be the
- * other operand's when both are NaN): their loops are bound by the FP-add
- * pipes, which also run the conversions (four per element for float16, two
- * for float32).  tools/apply_microbench.c, 1024-element rows in L1, AVX-512
- * build (ns/element, no affine / per-element affine): float16 0.228 / 0.266
- * -> 0.197 / 0.254, float32 at CN_AW = 4 0.162 / 0.205 -> 0.133 / 0.187.
+/* a - b of the apply expression.  float32 takes it to the multiply-add
+ * pipes (cn_vsub_fu: the same bits; a NaN's payload may be the other
+ * operand's when both are NaN): its loops are bound by the FP-add pipes,
+ * which also run the two conversions per element.  tools/apply_microbench.c,
+ * 1024-element rows in L1, AVX-512 build (ns/element, no affine /
+ * per-element affine): float32 at CN_AW = 4 0.162 / 0.205 -> 0.133 / 0.187.
  * float64 keeps the add pipes: there the change measured slower (0.069 ->
- * 0.10). */
+ * 0.10).  (float16 data has its own float32 loops: _apply_h32.h.) */
 static inline cn_ad cn_a_sub(cn_ad a, cn_ad b, int kind) {
     if (kind == 2) return a - b;
 #if CN_AW == CN_VW
@@ -65,7 +64,7 @@ static inline cn_a8 cn_a_load(const void *p, int kind) {
     cn_a8 r;
     if (kind == 2) {                      /* float64 */
         for (int j = 0; j < CN_AN; j++) r.v[j] = cn_a_ld((const double *)p + j * CN_AW);
-    } else if (kind == 1) {               /* float32 */
+    } else {                              /* float32 */
 #if CN_AW == 8
         r.v[0] = (cn_ad)_mm512_cvtps_pd(_mm256_loadu_ps((const float *)p));
 #elif CN_AW == 4
@@ -77,18 +76,6 @@ static inline cn_a8 cn_a_load(const void *p, int kind) {
         r.v[1] = (cn_ad)_mm_cvtps_pd(_mm_movehl_ps(lo, lo));
         r.v[2] = (cn_ad)_mm_cvtps_pd(hi);
         r.v[3] = (cn_ad)_mm_cvtps_pd(_mm_movehl_ps(hi, hi));
-#endif
-    } else {                              /* float16 */
-#if CN_AW == 8
-        r.v[0] = (cn_ad)_mm512_cvtps_pd(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)));
-#elif CN_AW == 4 && defined(__F16C__)
-        __m256 f = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
-        r.v[0] = (cn_ad)_mm256_cvtps_pd(_mm256_castps256_ps128(f));
-        r.v[1] = (cn_ad)_mm256_cvtps_pd(_mm256_extractf128_ps(f, 1));
-#else
-        double buf[8];
-        cn_half8_to_double((const uint16_t *)p, buf);
-        memcpy(&r, buf, 64);
 #endif
     }
     return r;
@@ -108,7 +95,7 @@ static inline void cn_a_store(void *p, cn_a8 r, int kind, int stream) {
             return;
         }
         for (int j = 0; j < CN_AN; j++) memcpy((double *)p + j * CN_AW, &r.v[j], CN_AW * 8);
-    } else if (kind == 1) {
+    } else {
 #if CN_AW == 8
         __m256 f = _mm512_cvtpd_ps((__m512d)r.v[0]);
         if (stream) _mm256_stream_ps((float *)p, f); else _mm256_storeu_ps((float *)p, f);
@@ -122,23 +109,6 @@ static inline void cn_a_store(void *p, cn_a8 r, int kind, int stream) {
         if (stream) { _mm_stream_ps((float *)p, lo); _mm_stream_ps((float *)p + 4, hi); }
         else { _mm_storeu_ps((float *)p, lo); _mm_storeu_ps((float *)p + 4, hi); }
 #endif
-    } else {
-#if CN_AW == 8
-        __m128i h = _mm256_cvtps_ph(_mm512_cvtpd_ps((__m512d)r.v[0]), _MM_FROUND_TO_NEAREST_INT);
-#elif CN_AW == 4 && defined(__F16C__)
-        __m128 lo = _mm256_cvtpd_ps((__m256d)r.v[0]), hi = _mm256_cvtpd_ps((__m256d)r.v[1]);
-        __m128i h = _mm256_cvtps_ph(_mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1),
-                                    _MM_FROUND_TO_NEAREST_INT);
-#else
-        double buf[8];
-        uint16_t hb[8];
-        memcpy(buf, &r, 64);
-        cn_double8_to_half(buf, hb);
-        __m128i h;
-        memcpy(&h, hb, 16);
-#endif
-        if (stream) _mm_stream_si128((__m128i *)p, h);
-        else _mm_storeu_si128((__m128i *)p, h);
     }
 }
 
@@ -148,7 +118,7 @@ static inline __attribute__((always_inline)) void cn_apply_percol(
         const void *x, void *y, ptrdiff_t i, ptrdiff_t n, int kind, const double *mh,
         const double *ml, const double *rs, const double *w, const double *b, int pvec,
         int relu, int stream) {
-    const size_t item = kind == 2 ? 8 : (kind == 1 ? 4 : 2);
+    const size_t item = kind == 2 ? 8 : 4;
     const ptrdiff_t nv = i + (n - i) / 8 * 8;
     const cn_ad w0 = cn_a_splat(w[0]), b0 = cn_a_splat(b[0]);
     for (; i < nv; i += 8) {
@@ -168,15 +138,14 @@ static inline __attribute__((always_inline)) void cn_apply_percol(
 }
 
 /* The row loop.  svec / pvec: statistics / parameters per element (else the
- * value at index 0 is used for the whole row).  kind: 0 float16, 1 float32,
+ * value at index 0 is used for the whole row).  kind: 1 float32,
  * 2 float64 (input and output have the same dtype; y may be x). */
 static inline __attribute__((always_inline)) void cn_apply_row_k(const void *x, void *y, ptrdiff_t n, int kind,
                                 const double *mh, const double *ml, const double *rs, int svec,
                                 const double *w, const double *b, int pvec, int relu,
                                 int stream) {
-    const size_t item = kind == 2 ? 8 : (kind == 1 ? 4 : 2);
+    const size_t item = kind == 2 ? 8 : 4;
     ptrdiff_t i = 0, head = 0;
-    if (kind == 0) stream = 0;  /* float16: 16-byte streaming stores measured 10x slower here */
     if (stream) {
         uintptr_t mis = (uintptr_t)y % 64;
         if (mis % item) stream = 0;   /* not element-aligned: plain stores */
@@ -241,7 +210,7 @@ static inline __attribute__((always_inline)) void cn_apply_row_k(const void *x, 
 static inline __attribute__((always_inline)) ptrdiff_t cn_apply_rows4_percol_k(
         const void *x, void *y, ptrdiff_t R, ptrdiff_t L, int kind, const double *mh,
         const double *ml, const double *rs, const double *w, const double *b, int relu) {
-    const size_t item = kind == 2 ? 8 : (kind == 1 ? 4 : 2);
+    const size_t item = kind == 2 ? 8 : 4;
     const ptrdiff_t nv = L / 8 * 8;
     ptrdiff_t r = 0;
     for (; r + 4 <= R; r += 4) {
@@ -286,8 +255,8 @@ static inline __attribute__((always_inline)) void cn_apply_rows_percol_k(
         const void *x, void *y, ptrdiff_t R, ptrdiff_t L, int kind, const double *mh,
         const double *ml, const double *rs, const double *w, const double *b, int relu,
         int stream) {
-    const size_t item = kind == 2 ? 8 : (kind == 1 ? 4 : 2);
-    if (kind == 0 || (uintptr_t)y % 64 || (L * item) % 64) stream = 0;
+    const size_t item = kind == 2 ? 8 : 4;
+    if ((uintptr_t)y % 64 || (L * item) % 64) stream = 0;
     for (ptrdiff_t r = 0; r < R; r++)
         cn_apply_percol((const char *)x + r * L * item, (char *)y + r * L * item, 0, L, kind,
                         mh, ml, rs, w, b, 1, relu, stream);

@@ -5,7 +5,8 @@
  * with the statistics (mh, ml, rs) and the affine parameters (w, b) either
  * one value for the whole row or one per element (channels-last batch norm
  * has both per element; layer norm with an affine has per-element w, b).
- * The arithmetic is float64 and exactly the expression above, element by
+ * Float32 and float64 rows (float16 rows: _apply_h32.h, in float32).  The
+ * arithmetic is float64 and exactly the expression above, element by
  * element (-ffp-contract=off): the result does not depend on the ISA level
  * or on which of the loops below ran, and it is the same expression as the
  * chunked loop of _elementwise.pxi and the Numba/NumPy backends.
@@ -20,7 +21,9 @@
  * of a copy; np.copyto (glibc memcpy) streams large copies, so this is what
  * reaching the copy floor needs.  The caller issues cn_store_fence() before
  * the data are used by another thread.  Float16 rows never stream: with eight
- * halves (16 bytes) per store, a 40 MiB batch_norm ran 10x slower streamed.
+ * halves (16 bytes) per store, a 40 MiB batch_norm ran 10x slower streamed
+ * (that was the float64 loop's 8-element step; the float32 loops of
+ * _apply_h32.h store 16 or 8 halves and do not stream either).
  */
 #ifndef CNORM_APPLY_SIMD_H
 #define CNORM_APPLY_SIMD_H
@@ -35,14 +38,12 @@
 /* Scalar steps: one element, the heads and tails of the rows. */
 static inline double cn_a_load1(const void *p, ptrdiff_t i, int kind) {
     if (kind == 2) return ((const double *)p)[i];
-    if (kind == 1) return (double)((const float *)p)[i];
-    return cn_half_to_double(((const uint16_t *)p)[i]);
+    return (double)((const float *)p)[i];
 }
 
 static inline void cn_a_store1(void *p, ptrdiff_t i, double v, int kind) {
     if (kind == 2) ((double *)p)[i] = v;
-    else if (kind == 1) ((float *)p)[i] = (float)v;
-    else ((uint16_t *)p)[i] = cn_double_to_half(v);
+    else ((float *)p)[i] = (float)v;
 }
 
 static inline void cn_store_fence(void) {
@@ -84,7 +85,6 @@ static inline double cn_a_one(double x, double mh, double ml, double rs, double 
 #else
 #define CN_APPLY_W_f32 CN_AW_NATIVE
 #endif
-#define CN_APPLY_W_f16 CN_AW_NATIVE
 #define CN_APPLY_W_f64 CN_AW_NATIVE
 /* name_w<width of SUFFIX's loops> */
 #define CN_APPLY_AT(name, SUFFIX) CN_APPLY_AT_(name, CN_APPLY_W_##SUFFIX)
@@ -116,7 +116,6 @@ static void cn_apply_rows_percol_##SUFFIX(const void *x, void *y, ptrdiff_t R, p
     CN_APPLY_AT(cn_apply_rows_percol_k, SUFFIX)((const char *)x + r0 * L * item,         \
             (char *)y + r0 * L * item, R - r0, L, KIND, mh, ml, rs, w, b, relu, stream); \
 }
-CN_APPLY_ROW(f16, 0)
 CN_APPLY_ROW(f32, 1)
 CN_APPLY_ROW(f64, 2)
 

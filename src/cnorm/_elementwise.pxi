@@ -1,6 +1,10 @@
 # Elementwise helpers of the normalization pass, shared (textually) by
 # _apply.pyx (the generic strided pass) and _kernels.pyx (the fused rows pass).
-# Arithmetic is float64; halves convert with the _simd.h helpers.
+# Arithmetic is float64, but for float16 data (float32, _apply_h32.h: scale_chunk_h32);
+# halves convert with the _simd.h helpers.
+cdef extern from "_apply_h32.h" nogil:
+    double cn_h32_value(double x, double mh, double ml, double rs, double w, double b)
+
 ctypedef fused io_t:
     uint16_t
     float
@@ -86,6 +90,29 @@ cdef inline void scale_chunk(double* buf, Py_ssize_t n,
     else:
         for i in range(n):
             buf[i] = (((buf[i] - mh[i]) - ml[i]) * rs[i]) * w[i] + b[i]
+
+
+cdef inline void scale_chunk_h32(double* buf, Py_ssize_t n,
+                                 const double* mh, const double* ml, const double* rs, bint svec,
+                                 const double* w, const double* b, bint pvec) noexcept nogil:
+    """scale_chunk for float16 data: each element by cn_h32_value (float32 arithmetic
+    where the statistics and parameters are in range, see _apply_h32.h)."""
+    cdef Py_ssize_t i, s, p
+    for i in range(n):
+        s = i if svec else 0
+        p = i if pvec else 0
+        buf[i] = cn_h32_value(buf[i], mh[s], ml[s], rs[s], w[p], b[p])
+
+
+cdef inline void scale_chunk_io(double* buf, Py_ssize_t n,
+                                const double* mh, const double* ml, const double* rs, bint svec,
+                                const double* w, const double* b, bint pvec,
+                                const io_t* tag) noexcept nogil:
+    """scale_chunk, or scale_chunk_h32 for float16 data (``tag``: the dtype)."""
+    if io_t is uint16_t:
+        scale_chunk_h32(buf, n, mh, ml, rs, svec, w, b, pvec)
+    else:
+        scale_chunk(buf, n, mh, ml, rs, svec, w, b, pvec)
 
 
 cdef inline double gelu(double v) noexcept nogil:

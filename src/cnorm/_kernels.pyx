@@ -730,18 +730,12 @@ cdef void cols_kernel(const src_t* x, Py_ssize_t* shape, Py_ssize_t* xs,
 include "_elementwise.pxi"
 
 cdef extern from "_apply_simd.h" nogil:
-    void cn_apply_row_f16(const void *x, void *y, Py_ssize_t n, const double *mh, const double *ml,
-                          const double *rs, int svec, const double *w, const double *b, int pvec,
-                          int relu, int stream)
     void cn_apply_row_f32(const void *x, void *y, Py_ssize_t n, const double *mh, const double *ml,
                           const double *rs, int svec, const double *w, const double *b, int pvec,
                           int relu, int stream)
     void cn_apply_row_f64(const void *x, void *y, Py_ssize_t n, const double *mh, const double *ml,
                           const double *rs, int svec, const double *w, const double *b, int pvec,
                           int relu, int stream)
-    void cn_apply_rows_percol_f16(const void *x, void *y, Py_ssize_t R, Py_ssize_t L,
-                                  const double *mh, const double *ml, const double *rs,
-                                  const double *w, const double *b, int relu, int stream)
     void cn_apply_rows_percol_f32(const void *x, void *y, Py_ssize_t R, Py_ssize_t L,
                                   const double *mh, const double *ml, const double *rs,
                                   const double *w, const double *b, int relu, int stream)
@@ -749,6 +743,24 @@ cdef extern from "_apply_simd.h" nogil:
                                   const double *mh, const double *ml, const double *rs,
                                   const double *w, const double *b, int relu, int stream)
     void cn_store_fence()
+
+cdef extern from "_apply_h32.h" nogil:
+    ctypedef struct cn_h32_prep:
+        float *w
+        float *b
+        float *m0
+        float *m1
+        float *r0
+    int cn_h32_prepare(cn_h32_prep *p, const double *w, const double *b, Py_ssize_t nparams,
+                       const double *mh, const double *ml, const double *rs, Py_ssize_t ns)
+    void cn_h32_release(cn_h32_prep *p)
+    int cn_h32_stats(double mh, double ml, double rs, float *m0, float *m1, float *r0)
+    void cn_apply_row_h32(const uint16_t *x, uint16_t *y, Py_ssize_t n, const float *m0,
+                          const float *m1, const float *r0, int svec, const float *w,
+                          const float *b, int pvec, int plain, int relu)
+    void cn_apply_rows_percol_h32(const uint16_t *x, uint16_t *y, Py_ssize_t R, Py_ssize_t L,
+                                  const float *m0, const float *m1, const float *r0,
+                                  const float *w, const float *b, int relu)
 
 # Outputs of at least this many bytes are written with non-temporal (streaming)
 # stores: they cannot stay in the cache anyway, and streaming saves reading
@@ -768,25 +780,24 @@ def set_stream_threshold(Py_ssize_t nbytes):
 cdef inline void apply_row(const src_t* x, src_t* y, Py_ssize_t n, const double* mh,
                            const double* ml, const double* rs, bint svec, const double* w,
                            const double* b, bint pvec, bint relu, bint stream) noexcept nogil:
-    """The fused vector apply loop of _apply_simd.h for this dtype."""
-    if src_t is uint16_t:
-        cn_apply_row_f16(x, y, n, mh, ml, rs, svec, w, b, pvec, relu, stream)
-    elif src_t is float:
+    """The fused vector apply loop of _apply_simd.h for this dtype (float16: scale_row_h32)."""
+    if src_t is float:
         cn_apply_row_f32(x, y, n, mh, ml, rs, svec, w, b, pvec, relu, stream)
-    else:
+    elif src_t is double:
         cn_apply_row_f64(x, y, n, mh, ml, rs, svec, w, b, pvec, relu, stream)
 
 
 cdef inline void apply_rows_percol(const src_t* x, src_t* y, Py_ssize_t R, Py_ssize_t L,
                                    const double* mh, const double* ml, const double* rs,
                                    const double* w, const double* b, bint relu,
-                                   bint stream) noexcept nogil:
-    """Channels-last rows back to back, one vector loop over all of them (_apply_simd.h)."""
+                                   bint stream, const cn_h32_prep* hp) noexcept nogil:
+    """Channels-last rows back to back, one vector loop over all of them (_apply_simd.h;
+    float16: cn_apply_rows_percol_h32, with the float32 copies in hp)."""
     if src_t is uint16_t:
-        cn_apply_rows_percol_f16(x, y, R, L, mh, ml, rs, w, b, relu, stream)
+        cn_apply_rows_percol_h32(x, y, R, L, hp.m0, hp.m1, hp.r0, hp.w, hp.b, relu)
     elif src_t is float:
         cn_apply_rows_percol_f32(x, y, R, L, mh, ml, rs, w, b, relu, stream)
-    else:
+    elif src_t is double:
         cn_apply_rows_percol_f64(x, y, R, L, mh, ml, rs, w, b, relu, stream)
 
 
@@ -797,7 +808,7 @@ DEF MODE_RMS = 1     # no centring, scale by 1/sqrt(mean(x**2) + eps)
 cdef void norm_row(const src_t* x, src_t* y, Py_ssize_t L, Py_ssize_t r, double eps, int mode,
                    const double* w, const double* b, Py_ssize_t psub, Py_ssize_t pmod,
                    Py_ssize_t pmul, int act, double* mean_out, double* var_out,
-                   bint stream, Py_ssize_t pf) noexcept nogil:
+                   bint stream, Py_ssize_t pf, const cn_h32_prep* hp) noexcept nogil:
     """Normalize one contiguous row of L elements (row index r); pf: the
     statistics pass prefetches that far ahead (rows back to back), or 0.
 
@@ -832,13 +843,37 @@ cdef void norm_row(const src_t* x, src_t* y, Py_ssize_t L, Py_ssize_t r, double 
     rs = 1.0 / sqrt(var + eps)
     var_out[0] = var
     # the row is still in cache: the apply pass with this row's statistics
-    scale_row(x, y, L, r, &mh, &ml, &rs, 1, False, w, b, psub, pmod, pmul, act, stream)
+    scale_row(x, y, L, r, &mh, &ml, &rs, 1, False, w, b, psub, pmod, pmul, act, stream, hp)
+
+
+cdef inline Py_ssize_t param_extent(Py_ssize_t L, Py_ssize_t psub, Py_ssize_t pmod,
+                                    Py_ssize_t pmul) noexcept nogil:
+    """How many parameters the rows read: w[(r % pmod) * pmul + i] (i < L, or
+    i < L // psub for sub-rows of psub elements)."""
+    return (pmod - 1) * pmul + (L if psub == 1 else L // psub)
 
 
 cdef void norm_rows_t(const src_t* x, src_t* y, Py_ssize_t R, Py_ssize_t L, Py_ssize_t xrs,
                       Py_ssize_t yrs, double eps, int mode, const double* w, const double* b,
                       Py_ssize_t psub, Py_ssize_t pmod, Py_ssize_t pmul, int act,
                       double* mean, double* var, int nthreads) noexcept nogil:
+    """norm_rows_run; float16 with float32 copies of the parameters (_apply_h32.h)."""
+    cdef cn_h32_prep prep
+    if src_t is uint16_t:
+        if cn_h32_prepare(&prep, w, b, param_extent(L, psub, pmod, pmul), NULL, NULL, NULL, 0):
+            norm_rows_run(x, y, R, L, xrs, yrs, eps, mode, w, b, psub, pmod, pmul, act, mean, var,
+                          nthreads, &prep)
+            cn_h32_release(&prep)
+            return
+    norm_rows_run(x, y, R, L, xrs, yrs, eps, mode, w, b, psub, pmod, pmul, act, mean, var,
+                  nthreads, NULL)
+
+
+cdef void norm_rows_run(const src_t* x, src_t* y, Py_ssize_t R, Py_ssize_t L, Py_ssize_t xrs,
+                        Py_ssize_t yrs, double eps, int mode, const double* w, const double* b,
+                        Py_ssize_t psub, Py_ssize_t pmod, Py_ssize_t pmul, int act,
+                        double* mean, double* var, int nthreads,
+                        const cn_h32_prep* hp) noexcept nogil:
     cdef Py_ssize_t r
     cdef int nt = nthreads if R * L >= SERIAL_WORK and R > 1 else 1
     cdef bint stream = R * L * <Py_ssize_t>sizeof(src_t) >= stream_min_bytes
@@ -849,14 +884,16 @@ cdef void norm_rows_t(const src_t* x, src_t* y, Py_ssize_t R, Py_ssize_t L, Py_s
     if nt == 1:
         for r in range(R):
             norm_row(<const src_t*>(<const char*>x + r * xrs), <src_t*>(<char*>y + r * yrs), L, r,
-                     eps, mode, w, b, psub, pmod, pmul, act, &mean[r], &var[r], stream, pf)
+                     eps, mode, w, b, psub, pmod, pmul, act, &mean[r], &var[r], stream, pf,
+                     hp)
         if stream:
             cn_store_fence()
         return
     for t in prange(nt, nogil=True, num_threads=nt, schedule='static'):
         for r in range(t * R // nt, (t + 1) * R // nt):
             norm_row(<const src_t*>(<const char*>x + r * xrs), <src_t*>(<char*>y + r * yrs), L, r,
-                     eps, mode, w, b, psub, pmod, pmul, act, &mean[r], &var[r], stream, pf)
+                     eps, mode, w, b, psub, pmod, pmul, act, &mean[r], &var[r], stream, pf,
+                     hp)
         if stream:
             cn_store_fence()
 
@@ -904,6 +941,25 @@ cdef void scale_rows_t(const src_t* x, src_t* y, Py_ssize_t R, Py_ssize_t L, Py_
                        Py_ssize_t smod, bint sper, const double* w, const double* b,
                        Py_ssize_t psub, Py_ssize_t pmod, Py_ssize_t pmul, int act,
                        int nthreads) noexcept nogil:
+    """scale_rows_run; float16 with float32 copies of the parameters and of
+    per-element statistics (_apply_h32.h)."""
+    cdef cn_h32_prep prep
+    if src_t is uint16_t:
+        if cn_h32_prepare(&prep, w, b, param_extent(L, psub, pmod, pmul), mh, ml, rs,
+                          L if sper else 0):
+            scale_rows_run(x, y, R, L, xrs, yrs, mh, ml, rs, smod, sper, w, b, psub, pmod, pmul,
+                           act, nthreads, &prep)
+            cn_h32_release(&prep)
+            return
+    scale_rows_run(x, y, R, L, xrs, yrs, mh, ml, rs, smod, sper, w, b, psub, pmod, pmul, act,
+                   nthreads, NULL)
+
+
+cdef void scale_rows_run(const src_t* x, src_t* y, Py_ssize_t R, Py_ssize_t L, Py_ssize_t xrs,
+                         Py_ssize_t yrs, const double* mh, const double* ml, const double* rs,
+                         Py_ssize_t smod, bint sper, const double* w, const double* b,
+                         Py_ssize_t psub, Py_ssize_t pmod, Py_ssize_t pmul, int act,
+                         int nthreads, const cn_h32_prep* hp) noexcept nogil:
     cdef Py_ssize_t r
     cdef int nt = nthreads if R * L >= SERIAL_WORK and R > 1 else 1
     cdef bint stream = R * L * <Py_ssize_t>sizeof(src_t) >= stream_min_bytes
@@ -911,10 +967,10 @@ cdef void scale_rows_t(const src_t* x, src_t* y, Py_ssize_t R, Py_ssize_t L, Py_
     cdef Py_ssize_t r0, r1
     cdef Py_ssize_t rowbytes = L * <Py_ssize_t>sizeof(src_t)
     if (sper and psub == 1 and pmul == 0 and xrs == rowbytes and yrs == rowbytes
-            and (act == ACT_NONE or act == ACT_RELU)):
+            and (act == ACT_NONE or act == ACT_RELU) and (src_t is not uint16_t or hp != NULL)):
         # channels last, rows back to back: one loop over all rows of a thread
         if nt == 1:
-            apply_rows_percol(x, y, R, L, mh, ml, rs, w, b, act == ACT_RELU, stream)
+            apply_rows_percol(x, y, R, L, mh, ml, rs, w, b, act == ACT_RELU, stream, hp)
             if stream:
                 cn_store_fence()
             return
@@ -923,21 +979,21 @@ cdef void scale_rows_t(const src_t* x, src_t* y, Py_ssize_t R, Py_ssize_t L, Py_
             r1 = (t + 1) * R // nt
             apply_rows_percol(<const src_t*>(<const char*>x + r0 * rowbytes),
                               <src_t*>(<char*>y + r0 * rowbytes), r1 - r0, L, mh, ml, rs, w, b,
-                              act == ACT_RELU, stream)
+                              act == ACT_RELU, stream, hp)
             if stream:
                 cn_store_fence()
         return
     if nt == 1:
         for r in range(R):
             scale_row(<const src_t*>(<const char*>x + r * xrs), <src_t*>(<char*>y + r * yrs), L, r,
-                      mh, ml, rs, smod, sper, w, b, psub, pmod, pmul, act, stream)
+                      mh, ml, rs, smod, sper, w, b, psub, pmod, pmul, act, stream, hp)
         if stream:
             cn_store_fence()
         return
     for t in prange(nt, nogil=True, num_threads=nt, schedule='static'):
         for r in range(t * R // nt, (t + 1) * R // nt):
             scale_row(<const src_t*>(<const char*>x + r * xrs), <src_t*>(<char*>y + r * yrs), L, r,
-                      mh, ml, rs, smod, sper, w, b, psub, pmod, pmul, act, stream)
+                      mh, ml, rs, smod, sper, w, b, psub, pmod, pmul, act, stream, hp)
         if stream:
             cn_store_fence()
 
@@ -945,16 +1001,26 @@ cdef void scale_rows_t(const src_t* x, src_t* y, Py_ssize_t R, Py_ssize_t L, Py_
 cdef void scale_row(const src_t* x, src_t* y, Py_ssize_t L, Py_ssize_t r,
                     const double* mh, const double* ml, const double* rs, Py_ssize_t smod,
                     bint sper, const double* w, const double* b, Py_ssize_t psub,
-                    Py_ssize_t pmod, Py_ssize_t pmul, int act, bint stream) noexcept nogil:
+                    Py_ssize_t pmod, Py_ssize_t pmul, int act, bint stream,
+                    const cn_h32_prep* hp) noexcept nogil:
     """The apply pass over one contiguous row with given statistics: per row
     (index r % smod) or, when ``sper``, per element of the row (channels last).
 
     No activation or ReLU: the fused vector loop of _apply_simd.h (streaming
-    stores when ``stream``: the caller fences after its last row); other activations: load, scale, activate and
-    store chunks of CHUNK elements through a float64 buffer."""
+    stores when ``stream``: the caller fences after its last row); float16:
+    the float32 loop of _apply_h32.h (scale_row_h32) when ``hp`` holds the
+    float32 parameters and the row's statistics are in its range.  Other
+    activations and the rest: load, scale, activate and store chunks of CHUNK
+    elements through a float64 buffer (float16: scale_chunk_h32, the same
+    values as the float32 loop)."""
     cdef double buf[CHUNK]
     cdef Py_ssize_t i0, m, j, nsub, pbase = (r % pmod) * pmul, si = r % smod
-    if act == ACT_NONE or act == ACT_RELU:
+    if src_t is uint16_t:
+        if (hp != NULL and (act == ACT_NONE or act == ACT_RELU)
+                and scale_row_h32(x, y, L, r, mh, ml, rs, smod, sper, w, b, psub, pmod, pmul,
+                                  act == ACT_RELU, hp)):
+            return
+    elif act == ACT_NONE or act == ACT_RELU:
         if psub == 1 or sper:
             if sper:
                 apply_row(x, y, L, mh, ml, rs, True, w + pbase, b + pbase, psub == 1,
@@ -972,11 +1038,11 @@ cdef void scale_row(const src_t* x, src_t* y, Py_ssize_t L, Py_ssize_t r,
             m = min(CHUNK, L - i0)
             load_chunk(<const char*>(x + i0), sizeof(src_t), m, buf, x)
             if sper:
-                scale_chunk(buf, m, mh + i0, ml + i0, rs + i0, True, w + pbase + i0,
-                            b + pbase + i0, psub == 1)
+                scale_chunk_io(buf, m, mh + i0, ml + i0, rs + i0, True, w + pbase + i0,
+                               b + pbase + i0, psub == 1, x)
             else:
-                scale_chunk(buf, m, mh + si, ml + si, rs + si, False, w + pbase + i0,
-                            b + pbase + i0, True)
+                scale_chunk_io(buf, m, mh + si, ml + si, rs + si, False, w + pbase + i0,
+                               b + pbase + i0, True, x)
             if act != ACT_NONE:
                 activate(buf, m, act)
             store_chunk(<char*>(y + i0), sizeof(src_t), m, buf, x)
@@ -986,11 +1052,39 @@ cdef void scale_row(const src_t* x, src_t* y, Py_ssize_t L, Py_ssize_t r,
             for i0 in range(0, psub, CHUNK):
                 m = min(CHUNK, psub - i0)
                 load_chunk(<const char*>(x + j * psub + i0), sizeof(src_t), m, buf, x)
-                scale_chunk(buf, m, mh + si, ml + si, rs + si, False, w + pbase + j,
-                            b + pbase + j, False)
+                scale_chunk_io(buf, m, mh + si, ml + si, rs + si, False, w + pbase + j,
+                               b + pbase + j, False, x)
                 if act != ACT_NONE:
                     activate(buf, m, act)
                 store_chunk(<char*>(y + j * psub + i0), sizeof(src_t), m, buf, x)
+
+
+cdef bint scale_row_h32(const uint16_t* x, uint16_t* y, Py_ssize_t L, Py_ssize_t r,
+                        const double* mh, const double* ml, const double* rs, Py_ssize_t smod,
+                        bint sper, const double* w, const double* b, Py_ssize_t psub,
+                        Py_ssize_t pmod, Py_ssize_t pmul, bint relu,
+                        const cn_h32_prep* hp) noexcept nogil:
+    """scale_row's vector loops for a float16 row, in float32 (_apply_h32.h), with
+    the float32 parameters (and per-element statistics when ``sper``) of ``hp``;
+    the same choices of loop as apply_row.  False when this row's statistics are
+    outside the float32 range: the caller then takes the per-element loop."""
+    cdef float m0, m1, r0
+    cdef Py_ssize_t j, pbase = (r % pmod) * pmul, si = r % smod
+    if sper:
+        cn_apply_row_h32(x, y, L, hp.m0, hp.m1, hp.r0, True, hp.w + pbase, hp.b + pbase,
+                         psub == 1, False, relu)
+        return True
+    if not cn_h32_stats(mh[si], ml[si], rs[si], &m0, &m1, &r0):
+        return False
+    if psub == 1:
+        cn_apply_row_h32(x, y, L, &m0, &m1, &r0, False, hp.w + pbase, hp.b + pbase, True, False,
+                         relu)
+    else:
+        for j in range(L // psub):
+            cn_apply_row_h32(x + j * psub, y + j * psub, psub, &m0, &m1, &r0, False,
+                             hp.w + pbase + j, hp.b + pbase + j, False,
+                             w[pbase + j] == 1.0 and b[pbase + j] == 0.0, relu)
+    return True
 
 
 def scale_rows(cnp.ndarray x, cnp.ndarray y, Py_ssize_t R, Py_ssize_t L, Py_ssize_t xrs,

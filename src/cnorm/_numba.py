@@ -271,6 +271,17 @@ def _is_f64_impl(buf):
     return lambda buf: result
 
 
+def _is_half(buf):
+    """Whether ``buf`` holds float16 bits (uint16)."""
+    return buf.dtype == np.uint16
+
+
+@overload(_is_half, jit_options=OVERLOAD_OPTIONS)
+def _is_half_impl(buf):
+    result = buf.dtype == types.uint16
+    return lambda buf: result
+
+
 # ---------------------------------------------------------------- double-double
 @jit
 def _two_sum(a, b):

@@ -3,9 +3,10 @@
 ``y = act((((x - mean_hi) - mean_lo) * rstd) * weight + bias)`` over the
 same canonical 4-d layout as the Cython pass (dims 0-2 outer, split across
 threads; dim 3 the inner row), in float64 arithmetic rounded once to the
-output dtype.  float16 travels as uint16 bits: decoded through an exact
-65536-entry table, encoded with round-to-nearest-even through float32 (the
-same double rounding as the F16C instructions of the Cython path).  The JIT options come
+output dtype; float16 data in float32 arithmetic (:func:`_h32_value`, the
+definition of ``_apply_h32.h``).  float16 travels as uint16 bits: decoded
+through an exact 65536-entry table, encoded with round-to-nearest-even from
+float32 (as the F16C instructions of the Cython path).  The JIT options come
 from the one policy in :mod:`cnorm._numba_policy` (no fast-math).
 """
 from __future__ import annotations
@@ -61,6 +62,32 @@ def _activate(v, act):
     if act == 4:
         return v / (1.0 + math.exp(-v))
     return v
+
+
+#: statistics and parameters up to this magnitude: float16 data in float32 arithmetic
+H32_LIMIT = 2.0 ** 32
+
+
+@jit(inline="always")
+def _h32_value(v, mh, ml, rs, w, b):
+    """One float16 element (``v``, its value as float64) as ``cn_h32_value`` of
+    ``_apply_h32.h``: ``(((v - m0) - m1) * r0) * w32 + b32`` in float32 (the mean as
+    a float32 pair) where ``|mh|``, ``|ml|``, ``rs``, ``|w|``, ``|b|`` <= 2**32, the
+    float64 expression otherwise (NaN / inf included); returned as float64."""
+    if (abs(mh) <= H32_LIMIT and abs(ml) <= H32_LIMIT and abs(rs) <= H32_LIMIT
+            and abs(w) <= H32_LIMIT and abs(b) <= H32_LIMIT):
+        m0 = np.float32(mh)
+        m1 = np.float32((mh - np.float64(m0)) + ml)
+        t = (((np.float32(v) - m0) - m1) * np.float32(rs)) * np.float32(w) + np.float32(b)
+        return np.float64(t)
+    return (((v - mh) - ml) * rs) * w + b
+
+
+@jit
+def _row_h32(xr, yr, mr, lr, rr, wr, br, act):
+    """:func:`_row` for float16 data (``xr``: its values as float64): :func:`_h32_value`."""
+    for i in range(np.uint64(xr.shape[0])):
+        yr[i] = _activate(_h32_value(xr[i], mr[i], lr[i], rr[i], wr[i], br[i]), act)
 
 
 @jit
@@ -159,8 +186,8 @@ def _store_half(yr, fbuf):
 
 @jit(parallel=True)
 def _apply4_half(x, y, mh, ml, rs, w, b, act, table):
-    """float16 via the bits: decode by table, compute in float64, round to float32
-    (a row buffer viewed as uint32) and then to float16 like the F16C path."""
+    """float16 via the bits: decode by table, compute as _row_h32 (float32), round
+    to float16 from float32 (a row buffer viewed as uint32) like the F16C path."""
     n0, n1, n2, n3 = x.shape
     for r in numba.prange(n0 * n1 * n2):
         i2 = r % n2
@@ -171,8 +198,8 @@ def _apply4_half(x, y, mh, ml, rs, w, b, act, table):
         xr = x[i0, i1, i2]
         for i3 in range(n3):
             hx[i3] = table[xr[i3]]
-        _row(hx, fbuf, mh[i0, i1, i2], ml[i0, i1, i2], rs[i0, i1, i2], w[i0, i1, i2],
-             b[i0, i1, i2], act)
+        _row_h32(hx, fbuf, mh[i0, i1, i2], ml[i0, i1, i2], rs[i0, i1, i2], w[i0, i1, i2],
+                 b[i0, i1, i2], act)
         _store_half(y[i0, i1, i2], fbuf)
 
 

@@ -8,7 +8,8 @@ write of y instead of a statistics pass plus an apply pass.  Same contract
 and same arithmetic as the Cython ``norm_rows`` (see its docstring):
 
 ``y = act((((x - mean_hi) - mean_lo) * rstd) * w + b)``, ``rstd = 1/sqrt(var + eps)``,
-rounded once to the output dtype (float16 through float32, like F16C).
+rounded once to the output dtype; float16 data in float32 arithmetic
+(``_h32_value``, the definition of ``_apply_h32.h``), rounded like F16C.
 """
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ import math
 import numba
 import numpy as np
 
-from ._numba import (PF_AHEAD, SERIAL_WORK, _blocks_in_slice, _dd_div_d, _ld, _max_threads,
-                     _numba_threads, _slice_chunk)
-from ._numba_apply import _activate, _store_half
+from ._numba import (PF_AHEAD, SERIAL_WORK, _blocks_in_slice, _dd_div_d, _is_half, _ld,
+                     _max_threads, _numba_threads, _slice_chunk)
+from ._numba_apply import _activate, _h32_value, _store_half
 from ._numba_policy import jit
 
 
@@ -57,6 +58,19 @@ def _scale_span(xr, out, i0, i1, mh, ml, rs, w, b, wi, act):
     Unsigned indices: no wraparound test in the loop, which then vectorizes."""
     u0 = np.uint64(i0)
     n = np.uint64(i1 - i0)
+    if _is_half(xr):   # float16: float32 arithmetic
+        if wi < 0:
+            w0 = w[-wi - 1]
+            b0 = b[-wi - 1]
+            for k in range(n):
+                i = u0 + k
+                out[i] = _activate(_h32_value(_ld(xr, i), mh, ml, rs, w0, b0), act)
+        else:
+            uw = np.uint64(wi)
+            for k in range(n):
+                i = u0 + k
+                out[i] = _activate(_h32_value(_ld(xr, i), mh, ml, rs, w[uw + k], b[uw + k]), act)
+        return
     if wi < 0:
         w0 = w[-wi - 1]
         b0 = b[-wi - 1]
@@ -206,7 +220,10 @@ def _percol_span(xr, out, mh, ml, rs, w, b, act):
     """out[i] = act((((x[i] - mh[i]) - ml[i]) * rs[i]) * w[i] + b[i]) (inlined into the
     block loop: as a call, its eight array arguments cost more than a short row)."""
     L = np.uint64(xr.shape[0])
-    if act == 0:
+    if _is_half(xr):   # float16: float32 arithmetic
+        for i in range(L):
+            out[i] = _activate(_h32_value(_ld(xr, i), mh[i], ml[i], rs[i], w[i], b[i]), act)
+    elif act == 0:
         for i in range(L):
             out[i] = (((_ld(xr, i) - mh[i]) - ml[i]) * rs[i]) * w[i] + b[i]
     else:
