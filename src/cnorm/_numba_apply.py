@@ -83,6 +83,18 @@ def _h32_value(v, mh, ml, rs, w, b):
     return (((v - mh) - ml) * rs) * w + b
 
 
+@jit(inline="always")
+def _h32_stats_ok(mh, ml, rs):
+    """Whether a slice's statistics are in the float32 range of :func:`_h32_value`."""
+    return abs(mh) <= H32_LIMIT and abs(ml) <= H32_LIMIT and abs(rs) <= H32_LIMIT
+
+
+@jit(inline="always")
+def _h32_f32(x, m0, m1, r0, w32, b32):
+    """The float32 steps of :func:`_h32_value` with the float32 constants hoisted."""
+    return np.float64((((np.float32(x) - m0) - m1) * r0) * w32 + b32)
+
+
 @jit
 def _row_h32(xr, yr, mr, lr, rr, wr, br, act):
     """:func:`_row` for float16 data (``xr``: its values as float64): :func:`_h32_value`."""
