@@ -84,6 +84,24 @@ def _mixed_params(rng, n, mixed):
 MIXED = pytest.mark.parametrize("mixed", [False, True], ids=["in-range", "mixed"])
 
 
+def _assert_every_path_gives(ref, run, x):
+    """run(x, backend) on every ISA path, on a strided view of x (the chunked
+    loop) and with the Numba backend: the bits of ref each time."""
+    previous = _config.isa_selected
+    try:
+        for isa in _config.isa_runnable:
+            _config.use_isa(isa)
+            np.testing.assert_array_equal(_bits(run(x, "cython")), _bits(ref), err_msg=isa)
+    finally:
+        _config.use_isa(previous)
+    big = np.zeros(x.shape[:-1] + (2 * x.shape[-1],), H)
+    big[..., ::2] = x
+    np.testing.assert_array_equal(_bits(run(big[..., ::2], "cython")), _bits(ref),
+                                  err_msg="strided")
+    require("numba")
+    np.testing.assert_array_equal(_bits(run(x, "numba")), _bits(ref), err_msg="numba")
+
+
 CASES = [
     ("layer_norm", lambda x, w, b, **k: cnorm.layer_norm(x, -1, w, b, **k)),
     ("rms_norm", lambda x, w, b, **k: cnorm.rms_norm(x, -1, w, **k)),
@@ -107,20 +125,7 @@ def test_rows_every_path_gives_the_same_bits(name, fn, n, mixed, rng):
     x[4] = 3.0                       # a constant row
     w, b = _mixed_params(rng, n, mixed)
     ref = fn(x, w, b, backend="cython")
-    big = np.zeros((9, 2 * n), H)
-    big[:, ::2] = x
-    np.testing.assert_array_equal(_bits(fn(big[:, ::2], w, b, backend="cython")), _bits(ref))
-    previous = _config.isa_selected
-    try:
-        for isa in _config.isa_runnable:
-            _config.use_isa(isa)
-            np.testing.assert_array_equal(_bits(fn(x, w, b, backend="cython")), _bits(ref),
-                                          err_msg=isa)
-    finally:
-        _config.use_isa(previous)
-    require("numba")
-    got = fn(x, w, b, backend="numba")
-    np.testing.assert_array_equal(_bits(got), _bits(ref))
+    _assert_every_path_gives(ref, lambda xx, backend: fn(xx, w, b, backend=backend), x)
     assert np.isnan(ref[2]).all() and not np.isnan(np.delete(ref, 2, 0)).any()
 
 
@@ -149,19 +154,7 @@ def test_batch_norm_every_path_gives_the_same_bits(layout, training, mixed, rng)
                                 running_mean=rm.copy(), running_var=rv.copy(), eps=0.0,
                                 backend=backend)
 
-    ref = run(x, "cython")
-    previous = _config.isa_selected
-    try:
-        for isa in _config.isa_runnable:
-            _config.use_isa(isa)
-            np.testing.assert_array_equal(_bits(run(x, "cython")), _bits(ref), err_msg=isa)
-    finally:
-        _config.use_isa(previous)
-    big = np.zeros(x.shape[:-1] + (2 * x.shape[-1],), H)
-    big[..., ::2] = x
-    np.testing.assert_array_equal(_bits(run(big[..., ::2], "cython")), _bits(ref))
-    require("numba")
-    np.testing.assert_array_equal(_bits(run(x, "numba")), _bits(ref))
+    _assert_every_path_gives(run(x, "cython"), run, x)
 
 
 def test_float32_steps_match_a_numpy_float32_model(rng):
@@ -201,16 +194,4 @@ def test_group_norm_sub_rows_every_path_gives_the_same_bits(hw, mixed, rng):
     def run(xx, backend):
         return cnorm.group_norm(xx, 6, w, b, backend=backend)
 
-    ref = run(x, "cython")
-    previous = _config.isa_selected
-    try:
-        for isa in _config.isa_runnable:
-            _config.use_isa(isa)
-            np.testing.assert_array_equal(_bits(run(x, "cython")), _bits(ref), err_msg=isa)
-    finally:
-        _config.use_isa(previous)
-    big = np.zeros(x.shape[:-1] + (2 * x.shape[-1],), H)
-    big[..., ::2] = x
-    np.testing.assert_array_equal(_bits(run(big[..., ::2], "cython")), _bits(ref))
-    require("numba")
-    np.testing.assert_array_equal(_bits(run(x, "numba")), _bits(ref))
+    _assert_every_path_gives(run(x, "cython"), run, x)

@@ -62,7 +62,7 @@ static inline double cn_a_one(double x, double mh, double ml, double rs, double 
 /* The vector loops, in native-width vectors: eight doubles per step in one
  * zmm on AVX-512, two ymm on AVX2, four xmm on SSE2 (a 64-byte GCC vector
  * would be split through memory on the narrower levels).  The AVX-512 build
- * also has them at 256 bits for float32, whose loops ran faster there at
+ * also has them at 256 bits for float32, whose loops ran faster on AMD at
  * that width (as the statistics loops, _simd.h): 1024-element rows in L1,
  * no affine / per-element affine, 0.147 / 0.199 ns/element in zmm, 0.133 /
  * 0.187 in ymm (tools/apply_microbench.c); the same operations at either
@@ -81,13 +81,16 @@ static inline double cn_a_one(double x, double mh, double ml, double rs, double 
 #define CN_AW 4
 #include "_apply_lanes.h"
 #undef CN_AW
-#define CN_APPLY_W_f32 4
+/* float32: 512-bit or 256-bit loops per call, as the statistics loops
+ * (cn_f32_zmm of _simd.h; on the Intel Xeon of 2026-12-06, no affine /
+ * per-element affine 0.176 / 0.230 ns/element in ymm, 0.140 / 0.184 in zmm) */
+#define CN_APPLY_AT_f32(name) (cn_f32_zmm ? name##_w8 : name##_w4)
 #else
-#define CN_APPLY_W_f32 CN_AW_NATIVE
+#define CN_APPLY_AT_f32(name) CN_APPLY_AT_(name, CN_AW_NATIVE)
 #endif
-#define CN_APPLY_W_f64 CN_AW_NATIVE
+#define CN_APPLY_AT_f64(name) CN_APPLY_AT_(name, CN_AW_NATIVE)
 /* name_w<width of SUFFIX's loops> */
-#define CN_APPLY_AT(name, SUFFIX) CN_APPLY_AT_(name, CN_APPLY_W_##SUFFIX)
+#define CN_APPLY_AT(name, SUFFIX) CN_APPLY_AT_##SUFFIX(name)
 #define CN_APPLY_AT_(name, w) CN_APPLY_AT__(name, w)
 #define CN_APPLY_AT__(name, w) name##_w##w
 

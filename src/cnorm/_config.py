@@ -209,6 +209,50 @@ def set_stream_threshold(nbytes: int | None) -> int:
     return old
 
 
+def _cpu_vendor() -> str:
+    """The vendor_id of /proc/cpuinfo ("GenuineIntel", "AuthenticAMD", ...), or ""."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _default_f32_vector_bits() -> int:
+    """Width of the float32 loops on the AVX-512 path: ``CNORM_F32_VECTOR_BITS``
+    (256 or 512), else 256 on AMD cores (a zmm operation takes both halves of
+    their 256-bit pipes: the float32 loops measured faster in ymm) and 512
+    elsewhere (Intel's full-width units: faster in zmm).  Results are the same
+    bits at either width."""
+    forced = _env_int("CNORM_F32_VECTOR_BITS")
+    if forced is not None:
+        if forced not in (256, 512):
+            raise ValueError(f"environment variable CNORM_F32_VECTOR_BITS={forced!r}: "
+                             "expected 256 or 512")
+        return forced
+    return 256 if _cpu_vendor() == "AuthenticAMD" else 512
+
+
+_f32_bits: int | None = None
+
+
+def set_f32_vector_bits(bits: int | None) -> int:
+    """Vector width (256 or 512 bits) of the float32 statistics and apply loops
+    on the AVX-512 path; ``None`` restores the default.  Returns the previous
+    width.  Results do not depend on it (the tests run both)."""
+    global _f32_bits
+    if bits is not None and (type(bits) is not int or bits not in (256, 512)):
+        raise ValueError(f"set_f32_vector_bits: bits must be 256, 512 or None, got {bits!r}")
+    old = _f32_bits if _f32_bits is not None else _default_f32_vector_bits()
+    _f32_bits = _default_f32_vector_bits() if bits is None else bits
+    for mod in _loaded_kernels():
+        mod.set_f32_vector_bits(_f32_bits)
+    return old
+
+
 def _loaded_kernels():
     import sys
     return [sys.modules[m] for m in _ISA_MODULES.values() if m in sys.modules]
@@ -220,6 +264,10 @@ def _configured(mod):
     if _stream_bytes is None:
         _stream_bytes = _default_stream_bytes()
     mod.set_stream_threshold(_stream_bytes)
+    global _f32_bits
+    if _f32_bits is None:
+        _f32_bits = _default_f32_vector_bits()
+    mod.set_f32_vector_bits(_f32_bits)
     return mod
 
 
@@ -315,7 +363,7 @@ def show_config(file=None) -> dict:
     -------
     dict
         ``version``, ``isa_compiled``, ``isa_runnable``, ``isa_selected``,
-        ``num_threads``, ``backends``.
+        ``f32_vector_bits``, ``num_threads``, ``backends``.
     """
     from . import __version__
     info = {
@@ -323,6 +371,7 @@ def show_config(file=None) -> dict:
         "isa_compiled": list(isa_compiled),
         "isa_runnable": list(isa_runnable),
         "isa_selected": isa_selected,
+        "f32_vector_bits": kernels.f32_vector_bits() if HAVE_EXTENSION else None,
         "num_threads": get_num_threads(),
         "usable_cpus": _usable_cpus(),
         "backends": [b for b in ("cython", "numba", "numpy")
@@ -333,6 +382,8 @@ def show_config(file=None) -> dict:
              f"  ISA paths runnable : {', '.join(info['isa_runnable']) or 'none'}",
              f"  ISA path selected  : {info['isa_selected']}"
              + ("  (forced by CNORM_ISA)" if os.environ.get("CNORM_ISA") else ""),
+             f"  float32 vectors    : {info['f32_vector_bits']} bits"
+             + ("  (CNORM_F32_VECTOR_BITS)" if os.environ.get("CNORM_F32_VECTOR_BITS") else ""),
              f"  threads            : {info['num_threads']} (usable CPUs: {info['usable_cpus']})",
              f"  backends           : {', '.join(info['backends'])}"]
     print("\n".join(lines), file=file)

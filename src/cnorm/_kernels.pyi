@@ -90,3 +90,5 @@ def moments_contig(
     nthreads: int,                       # int: the resolved thread count (results do not depend on it)
 ) -> tuple[np.ndarray, np.ndarray] | None: ...  # None: not eligible (use the general path)
 def set_stream_threshold(nbytes: int) -> int: ...   # outputs >= nbytes use streaming stores
+def set_f32_vector_bits(bits: int) -> int: ...   # float32 loops in 256/512-bit vectors (AVX-512)
+def f32_vector_bits() -> int: ...

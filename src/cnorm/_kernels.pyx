@@ -269,6 +269,24 @@ cdef extern from "_simd.h" nogil:
                               double *s1, double *s2, Py_ssize_t pf)
     void cn_cols_centred4_f64(const double *x, Py_ssize_t rs, Py_ssize_t n, const double *c,
                               double *h1, double *l1, double *h2, double *l2, Py_ssize_t pf)
+    int cn_f32_vector_bits()
+    void cn_set_f32_vector_bits(int bits)
+
+
+def set_f32_vector_bits(int bits):
+    """Vector width of the float32 statistics and apply loops on the AVX-512
+    path: 512 or 256 (the results are the same bits); no effect on other
+    paths.  Returns the previous width."""
+    if bits != 512 and bits != 256:
+        raise ValueError(f"set_f32_vector_bits: bits must be 256 or 512, got {bits!r}")
+    cdef int old = cn_f32_vector_bits()
+    cn_set_f32_vector_bits(bits)
+    return old
+
+
+def f32_vector_bits():
+    """The vector width in bits of this module's float32 loops."""
+    return cn_f32_vector_bits()
 
 
 cdef inline void row_centred(const src_t* p, Py_ssize_t n, double c, double* s1h, double* s1l,

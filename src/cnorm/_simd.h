@@ -166,8 +166,12 @@ static inline void cn_double8_to_half(const double *in, uint16_t *p) {
  * tools/simd_microbench.c, the same AVX-512 build: rows 0.135 -> 0.104
  * ns/element, four-row columns 0.136 -> 0.109; float16 (0.139 -> 0.155) and
  * the float64 double-double loop (0.515 -> 0.60) were slower, so they keep
- * the native width.  The lanes and the tree are those of the layout above,
- * so the results are the same bits at either width. */
+ * the native width.  On an Intel Xeon (2026-12-06, full-width 512-bit
+ * units) the same loops ran faster in zmm: rows 0.138 -> 0.114, four-row
+ * columns 0.132 -> 0.119, one-row columns 0.196 -> 0.164; so the AVX-512
+ * build has both and picks one at run time (cn_f32_zmm below).  The lanes
+ * and the tree are those of the layout above, so the results are the same
+ * bits at either width. */
 #if defined(__AVX__)
 typedef double cn_yd __attribute__((vector_size(32)));
 
@@ -378,15 +382,25 @@ static inline void cn_prefetch16(const void *p, size_t item, ptrdiff_t pf) {
  * CN_W(P) doubles and whose helpers are cn_<P>splat, cn_<P>ld_<type>,
  * cn_<P>st_f64, cn_<P>add_fu and cn_<P>tree16. */
 #define CN_W(P) ((int)(sizeof(cn_##P##d) / sizeof(double)))
-#if defined(__AVX__)
-#define CN_F32_FAMILY(DEFINE, ...) DEFINE(f32, float, y, __VA_ARGS__)
+#if defined(__AVX512F__)
+/* float32 loops on AVX-512: both widths, cn_*_f32_y (256-bit) and cn_*_f32_z
+ * (512-bit), chosen per call by cn_f32_zmm (set at import by cnorm._config:
+ * 256-bit on AMD cores, where a zmm operation takes both halves of the
+ * 256-bit pipes, 512-bit on Intel cores with full-width units; the
+ * CNORM_F32_VECTOR_BITS environment variable forces either).  The lanes and
+ * the tree are the same, so are the results. */
+static int cn_f32_zmm = 0;
+#define CN_F32_FAMILY(DEFINE, ...) \
+    DEFINE(f32_y, f32, float, y, __VA_ARGS__) DEFINE(f32_z, f32, float, v, __VA_ARGS__)
+#elif defined(__AVX__)
+#define CN_F32_FAMILY(DEFINE, ...) DEFINE(f32, f32, float, y, __VA_ARGS__)
 #else
-#define CN_F32_FAMILY(DEFINE, ...) DEFINE(f32, float, v, __VA_ARGS__)
+#define CN_F32_FAMILY(DEFINE, ...) DEFINE(f32, f32, float, v, __VA_ARGS__)
 #endif
 
-#define CN_DEFINE_ROW(SUFFIX, T, P, CONV)                                         \
+#define CN_DEFINE_ROW(NAME, SUFFIX, T, P, CONV)                                         \
 /* the one pass: S1 += sum(x - c), S2 += sum((x - c)^2) in float64 */           \
-static inline void cn_centred_##SUFFIX(const T *__restrict p, ptrdiff_t n,        \
+static inline void cn_centred_##NAME(const T *__restrict p, ptrdiff_t n,          \
                                        double c, double *s1, double *s2,         \
                                        ptrdiff_t pf) {                           \
     enum { W = CN_W(P), NV = 16 / CN_W(P) };                                     \
@@ -409,7 +423,7 @@ static inline void cn_centred_##SUFFIX(const T *__restrict p, ptrdiff_t n,      
 
 #define CN_CONV_F(v) ((double)(v))
 #define CN_CONV_H(v) cn_half_to_double(v)
-CN_DEFINE_ROW(f16, uint16_t, v, CN_CONV_H)
+CN_DEFINE_ROW(f16, f16, uint16_t, v, CN_CONV_H)
 CN_F32_FAMILY(CN_DEFINE_ROW, CN_CONV_F)
 
 /* float64: the same sums in double-double.  d = x - c exactly as
@@ -523,8 +537,8 @@ static inline void cn_centred_f64(const double *__restrict p, ptrdiff_t n, doubl
  * the vector width does not matter, but the split does: columns below
  * n - n % 8 take the vector step, the rest the scalar tail (for float64 the
  * two differ in rounding), eight columns (8 / CN_W(P) vectors) at a time. */
-#define CN_DEFINE_COLS(SUFFIX, T, P, CONV)                                        \
-static inline void cn_cols_centred_##SUFFIX(const T *__restrict x, ptrdiff_t n,   \
+#define CN_DEFINE_COLS(NAME, SUFFIX, T, P, CONV)                                        \
+static inline void cn_cols_centred_##NAME(const T *__restrict x, ptrdiff_t n,     \
         const double *__restrict c, double *__restrict s1, double *__restrict s2) { \
     ptrdiff_t j, nv = n - n % 8;                                                 \
     for (j = 0; j < nv; j += 8)                                                  \
@@ -535,7 +549,7 @@ static inline void cn_cols_centred_##SUFFIX(const T *__restrict x, ptrdiff_t n, 
         }                                                                        \
     for (; j < n; j++) { double d = CONV(x[j]) - c[j]; s1[j] += d; s2[j] += d * d; } \
 }
-CN_DEFINE_COLS(f16, uint16_t, v, CN_CONV_H)
+CN_DEFINE_COLS(f16, f16, uint16_t, v, CN_CONV_H)
 CN_F32_FAMILY(CN_DEFINE_COLS, CN_CONV_F)
 
 /* Four rows (byte stride rs) at once: the column sums stay in registers for
@@ -553,8 +567,8 @@ static inline void cn_prefetch_rows4(const char *p, ptrdiff_t rs, ptrdiff_t off)
     for (int r = 0; r < 4; r++) cn_prefetch_line(p + r * rs + off);
 }
 
-#define CN_DEFINE_COLS4(SUFFIX, T, P, CONV)                                       \
-static inline void cn_cols_centred4_##SUFFIX(const T *__restrict x, ptrdiff_t rs, \
+#define CN_DEFINE_COLS4(NAME, SUFFIX, T, P, CONV)                                       \
+static inline void cn_cols_centred4_##NAME(const T *__restrict x, ptrdiff_t rs,   \
         ptrdiff_t n, const double *__restrict c, double *__restrict s1,          \
         double *__restrict s2, ptrdiff_t pf) {                                   \
     const char *b = (const char *)x;                                             \
@@ -579,8 +593,44 @@ static inline void cn_cols_centred4_##SUFFIX(const T *__restrict x, ptrdiff_t rs
             s2[t] += d * d;                                                      \
         }                                                                        \
 }
-CN_DEFINE_COLS4(f16, uint16_t, v, CN_CONV_H)
+CN_DEFINE_COLS4(f16, f16, uint16_t, v, CN_CONV_H)
 CN_F32_FAMILY(CN_DEFINE_COLS4, CN_CONV_F)
+
+#if defined(__AVX512F__)
+static inline void cn_centred_f32(const float *__restrict p, ptrdiff_t n, double c,
+                                  double *s1, double *s2, ptrdiff_t pf) {
+    if (cn_f32_zmm) cn_centred_f32_z(p, n, c, s1, s2, pf);
+    else cn_centred_f32_y(p, n, c, s1, s2, pf);
+}
+static inline void cn_cols_centred_f32(const float *__restrict x, ptrdiff_t n,
+        const double *__restrict c, double *__restrict s1, double *__restrict s2) {
+    if (cn_f32_zmm) cn_cols_centred_f32_z(x, n, c, s1, s2);
+    else cn_cols_centred_f32_y(x, n, c, s1, s2);
+}
+static inline void cn_cols_centred4_f32(const float *__restrict x, ptrdiff_t rs, ptrdiff_t n,
+        const double *__restrict c, double *__restrict s1, double *__restrict s2,
+        ptrdiff_t pf) {
+    if (cn_f32_zmm) cn_cols_centred4_f32_z(x, rs, n, c, s1, s2, pf);
+    else cn_cols_centred4_f32_y(x, rs, n, c, s1, s2, pf);
+}
+#endif
+/* the float32 vector width in bits: 512 (zmm), 256 (ymm) or that of the
+ * build's native vectors */
+static inline int cn_f32_vector_bits(void) {
+#if defined(__AVX512F__)
+    return cn_f32_zmm ? 512 : 256;
+#else
+    return CN_VW * 64;
+#endif
+}
+/* set it on AVX-512 (bits 512 or 256); elsewhere nothing changes */
+static inline void cn_set_f32_vector_bits(int bits) {
+#if defined(__AVX512F__)
+    cn_f32_zmm = bits == 512;
+#else
+    (void)bits;
+#endif
+}
 
 static inline void cn_cols_centred_f64(const double *__restrict x, ptrdiff_t n,
         const double *__restrict c, double *__restrict h1, double *__restrict l1,
