@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from . import _config
 from . import _bench_cases as C
 from . import _bench_precision as P
 from . import _bench_report as R
@@ -170,14 +171,7 @@ def _loadavg():
 
 
 def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    return _config.cpuinfo_field("model name") or platform.processor() or "unknown"
 
 
 def main(args) -> int:

@@ -209,12 +209,12 @@ def set_stream_threshold(nbytes: int | None) -> int:
     return old
 
 
-def _cpu_vendor() -> str:
-    """The vendor_id of /proc/cpuinfo ("GenuineIntel", "AuthenticAMD", ...), or ""."""
+def cpuinfo_field(name: str) -> str:
+    """The first ``name`` field of /proc/cpuinfo ("vendor_id", "model name"), or ""."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("vendor_id"):
+                if line.startswith(name):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
@@ -233,7 +233,7 @@ def _default_f32_vector_bits() -> int:
             raise ValueError(f"environment variable CNORM_F32_VECTOR_BITS={forced!r}: "
                              "expected 256 or 512")
         return forced
-    return 256 if _cpu_vendor() == "AuthenticAMD" else 512
+    return 256 if cpuinfo_field("vendor_id") == "AuthenticAMD" else 512
 
 
 _f32_bits: int | None = None
