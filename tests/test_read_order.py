@@ -101,6 +101,35 @@ def test_nchw_planes_not_adjacent(isa, dtype, threads):
     np.testing.assert_array_equal(v.view(np.uint8), ref_v.view(np.uint8))
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("threads", [1, 2])
+def test_numba_nchw_read_order_is_bitwise_slice_major(dtype, shape, threads):
+    """The Numba kernel reads NCHW blocks in the same orders (row-interleaved
+    channel groups, whole planes): its states, low parts included, are the
+    Cython slice-major ones bit for bit."""
+    from cnorm import _numba
+    rng = np.random.default_rng([12, *shape, threads])
+    x = offset_data(dtype, 0, 300.0, rng=rng, shape=shape)
+    n, c, h, w = shape
+    st = np.zeros((c, 5))
+    _numba.moments_4d(x.reshape(1, n, c, h * w), dtype == np.float16, 0, 1, st, 0, threads)
+    np.testing.assert_array_equal(st.view(np.uint64), _slice_major_states(x).view(np.uint64))
+    ref_m, ref_v = _slice_major_reference(x)
+    m, v = cnorm.moments(x, axis=(0, 2, 3), backend="numba", num_threads=threads)
+    np.testing.assert_array_equal(m.view(np.uint8), ref_m.view(np.uint8))
+    np.testing.assert_array_equal(v.view(np.uint8), ref_v.view(np.uint8))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_numba_nchw_planes_not_adjacent(dtype, threads):
+    rng = np.random.default_rng([13, threads])
+    x = offset_data(dtype, 0, -50.0, rng=rng, shape=(12, 80, 9, 11))[:, ::2]
+    ref_m, ref_v = _slice_major_reference(np.ascontiguousarray(x))
+    m, v = cnorm.moments(x, axis=(0, 2, 3), backend="numba", num_threads=threads)
+    np.testing.assert_array_equal(m.view(np.uint8), ref_m.view(np.uint8))
+    np.testing.assert_array_equal(v.view(np.uint8), ref_v.view(np.uint8))
+
+
 @pytest.mark.parametrize("backend_name", ["cython", "numba"])
 @pytest.mark.parametrize("shape", [(2600, 24), (1100, 130), (3000, 3)],
                          ids=lambda s: "x".join(map(str, s)))
