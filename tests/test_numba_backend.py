@@ -228,6 +228,31 @@ def test_matches_cython_on_large_shapes(rng):
                 np.testing.assert_array_max_ulp(g, r, maxulp=2 * budget)
 
 
+@need_cython
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_memory_views_of_the_engine_entry(dtype, rng):
+    """reduce_planned reads x's own memory: a contiguous writeable array through
+    a flat view, read-only and strided ones through the span view, strides that
+    are not a multiple of the item size through moments_4d's copy; each is
+    bitwise the Cython result."""
+    base = offset_data(rng, dtype, (9, 30))
+    item = np.dtype(dtype).itemsize
+    raw = bytearray(9 * (30 * item + 1) + 1)
+    odd = np.ndarray((9, 30), dtype=dtype, buffer=raw, offset=1, strides=(30 * item + 1, item))
+    odd[...] = base
+    ro = base.copy()
+    ro.flags.writeable = False
+    cases = {"C": base, "F": np.asfortranarray(base), "read-only": ro, "odd strides": odd,
+             "strided": base[::2, 1::3], "negative": base[::-1]}
+    for name, x in cases.items():
+        for axis in (None, 0, 1):
+            got = cnorm.moments(x, axis=axis, backend="numba")
+            ref = cnorm.moments(x, axis=axis, backend="cython")
+            for g, r in zip(got, ref):
+                np.testing.assert_array_equal(np.atleast_1d(g).view(np.uint8),
+                                              np.atleast_1d(r).view(np.uint8), f"{name} {axis}")
+
+
 def test_matches_numpy_reference_states(rng):
     x = offset_data(rng, np.float64, (4, 3, 50))
     for axes in [(2,), (0, 2), (0, 1, 2), (1,)]:

@@ -7,6 +7,8 @@ the scaler, dask) is built on it.
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import warnings
 
 import numpy as np
@@ -53,6 +55,21 @@ def empty_states(shape) -> np.ndarray:
     return np.zeros(tuple(shape) + (STATE_WIDTH,), dtype=np.float64)
 
 
+@functools.lru_cache(maxsize=1024)
+def _kept_layout(shape, red_axes):
+    """``(kept_shape, state_strides)`` of reducing ``shape`` over ``red_axes``:
+    the kept axes in order, and each axis's index stride in the C-ordered
+    states (0 for reduced axes).  Cached: a training loop asks for the same
+    few layouts on every call."""
+    kept = [a for a in range(len(shape)) if a not in red_axes]
+    sstrides = [0] * len(shape)
+    acc = 1
+    for a in reversed(kept):
+        sstrides[a] = acc
+        acc *= shape[a]
+    return tuple(shape[a] for a in kept), tuple(sstrides)
+
+
 def reduce_states(x: np.ndarray, red_axes, *, backend: str, nthreads: int,
                   states: np.ndarray | None = None) -> np.ndarray:
     """Merge the moments of ``x`` over ``red_axes`` into ``states`` and return them.
@@ -67,29 +84,23 @@ def reduce_states(x: np.ndarray, red_axes, *, backend: str, nthreads: int,
     states : ndarray, optional
         C-contiguous float64 array of shape ``kept_shape + (5,)`` to merge into.
     """
-    red = set(red_axes)
-    kept = [a for a in range(x.ndim) if a not in red]
-    kept_shape = tuple(x.shape[a] for a in kept)
+    kept_shape, sstrides = _kept_layout(x.shape, tuple(red_axes))
     if states is None:
         states = empty_states(kept_shape)
     flat = states.reshape(-1, STATE_WIDTH)
-    sstrides = [0] * x.ndim
-    acc = 1
-    for a in reversed(kept):
-        sstrides[a] = acc
-        acc *= x.shape[a]
     if backend == "numpy":
         from . import _reference
         if flat.shape[0] or x.ndim == 0:
-            part = _reference.states_of(x, tuple(sorted(red))).reshape(-1, STATE_WIDTH)
+            part = _reference.states_of(x, tuple(sorted(red_axes))).reshape(-1, STATE_WIDTH)
             _reference.merge_states(flat, part)
         return states
     mod = backend_module(backend)
-    plan = plan_reduction(x.shape, x.strides, red, sstrides)
+    plan = plan_reduction(x.shape, x.strides, red_axes, sstrides)
     if plan.shape[0] * plan.shape[1] * plan.shape[2] * plan.shape[3] == 0 and not plan.outer:
         return states
-    sizes = [d[0] for d in plan.outer]
-    for idx in np.ndindex(*sizes):
+    if backend == "numba" and mod.reduce_planned(x, plan, flat, nthreads):
+        return states
+    for idx in itertools.product(*(range(d[0]) for d in plan.outer)):
         off = plan.offset + sum(i * d[1] for i, d in zip(idx, plan.outer))
         soff = sum(i * d[2] for i, d in zip(idx, plan.outer))
         if backend == "numba":

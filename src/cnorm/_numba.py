@@ -46,6 +46,7 @@ Every kernel is compiled with the one policy of :mod:`cnorm._numba_policy`
 """
 from __future__ import annotations
 
+import itertools
 import math
 import platform
 import struct
@@ -1187,14 +1188,11 @@ def _flat(x4: np.ndarray):
     that are not a multiple of the item size (never made by cnorm) are
     handled by copying.
     """
-    size = x4.itemsize
-    if any(s % size for s in x4.strides):
+    mem = _memory_of(x4)
+    if mem is None:
         x4 = np.ascontiguousarray(x4)
-    low = sum((n - 1) * s for n, s in zip(x4.shape, x4.strides) if s < 0)
-    high = sum((n - 1) * s for n, s in zip(x4.shape, x4.strides) if s > 0)
-    ptr = x4.__array_interface__["data"][0]
-    buf = np.asarray(_Memory(x4, ptr + low, (high - low) // size + 1, x4.dtype.str))
-    return buf, -low // size, tuple(s // size for s in x4.strides)
+        mem = _memory_of(x4)
+    return mem[0], mem[1], tuple(s // x4.itemsize for s in x4.strides)
 
 
 def _max_threads() -> int:
@@ -1247,11 +1245,61 @@ def moments_4d(x4, is_half, so, sk, states, state_offset, nthreads):
         raise ValueError(f"moments_4d: state rows {min(rows)}..{max(rows)} out of range "
                          f"for {states.shape[0]} states")
     buf, base, xs = _flat(x4)
-    nt = max(1, min(int(nthreads), _max_threads())) if O * R1 * K * R0 >= SERIAL_WORK else 1
+    _run(buf, base, (O, R1, K, R0), xs, int(so), int(sk), states, int(state_offset),
+         int(nthreads))
+
+
+def _run(buf, base, shape, xs, so, sk, states, soff, nthreads):
+    """The kernel call of one 4-d problem: rows or columns, serial or threaded."""
+    O, R1, K, R0 = shape
+    nt = max(1, min(nthreads, _max_threads())) if O * R1 * K * R0 >= SERIAL_WORK else 1
     cols = R0 == 1 and K > 1
-    args = (buf, base, (O, R1, K, R0), xs, int(so), int(sk), states, int(state_offset))
     if nt == 1:
-        (_cols_serial if cols else _rows_serial)(*args)
+        (_cols_serial if cols else _rows_serial)(buf, base, shape, xs, so, sk, states, soff)
     else:
         with _numba_threads(nt):
-            (_cols_parallel if cols else _rows_parallel)(*args)
+            (_cols_parallel if cols else _rows_parallel)(buf, base, shape, xs, so, sk, states,
+                                                         soff)
+
+
+def _memory_of(x: np.ndarray):
+    """``(buf, base)``: a writeable-typed 1-d array over x's memory and the element
+    of it at x's data pointer (float16 as uint16 bits), or None when a stride is
+    not a multiple of the item size."""
+    size = x.itemsize
+    if any(s % size for s in x.strides):
+        return None
+    if x.flags.writeable and (x.flags.c_contiguous or x.flags.f_contiguous):
+        buf, base = x.ravel(order="K"), 0   # a view, element 0 at the data pointer
+    else:
+        # read-only or strided: the _Memory view (the same kernel types as above)
+        low = sum((n - 1) * s for n, s in zip(x.shape, x.strides) if s < 0)
+        high = sum((n - 1) * s for n, s in zip(x.shape, x.strides) if s > 0)
+        ptr = x.__array_interface__["data"][0]
+        buf = np.asarray(_Memory(x, ptr + low, (high - low) // size + 1, x.dtype.str))
+        base = -low // size
+    return (buf.view(np.uint16) if x.dtype == np.float16 else buf), base
+
+
+def reduce_planned(x, plan, states, nthreads):
+    """Merge the moments of ``x`` as ``plan`` (:func:`cnorm._axes.plan_reduction`
+    of x) cuts them into the (m, 5) ``states``: the engine's entry, without
+    :func:`moments_4d`'s checks and per-call views (the plan comes from x
+    itself).  Returns False, having done nothing, for strides that are not a
+    multiple of the item size (the caller then goes through moments_4d)."""
+    mem = _memory_of(x)
+    if mem is None:
+        return False
+    buf, base = mem
+    size = x.itemsize
+    xs = tuple(s // size for s in plan.strides)
+    nthreads = int(nthreads)
+    if not plan.outer:
+        _run(buf, base + plan.offset // size, plan.shape, xs, plan.so, plan.sk, states, 0,
+             nthreads)
+        return True
+    for idx in itertools.product(*(range(d[0]) for d in plan.outer)):
+        off = plan.offset + sum(i * d[1] for i, d in zip(idx, plan.outer))
+        soff = sum(i * d[2] for i, d in zip(idx, plan.outer))
+        _run(buf, base + off // size, plan.shape, xs, plan.so, plan.sk, states, soff, nthreads)
+    return True
