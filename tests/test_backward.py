@@ -406,6 +406,28 @@ def test_isa_paths_agree(layer, shape, kw, dtype, act, isa):
         np.testing.assert_array_equal(g, r)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", [(12, 300), (9, 64), (5, 4, 48)], ids=str)
+def test_four_row_pass_is_bitwise_row_by_row(dtype, shape, isa):
+    """The blocked four-row pass of LayerNorm-like rows (on by default only
+    where its accumulators fit the registers) gives the row-by-row pass's bits,
+    gradients of x and of the per-element parameters alike, on every ISA."""
+    rng = np.random.default_rng([5, *shape])
+    x = (rng.normal(size=shape) * 3.0 + 40.0).astype(dtype)
+    dy = rng.normal(size=shape).astype(dtype)
+    w, b = rng.normal(size=shape[-1]), rng.normal(size=shape[-1])
+    kernels = _config.family("_backward")
+    results = {}
+    for on in (True, False):
+        previous = kernels.set_block_rows4(on)
+        try:
+            results[on] = _run_layer("layer_norm", x, dy, {"axis": -1}, None, "cython", w, b)
+        finally:
+            kernels.set_block_rows4(previous)
+    for g, r in zip(results[True], results[False]):
+        np.testing.assert_array_equal(g, r)
+
+
 # ------------------------------------------------------------------ special values
 def test_empty_input(backend):
     x = np.zeros((0, 5))

@@ -12,6 +12,7 @@ import numpy.typing as npt
 F64 = npt.NDArray[np.float64]
 
 def isa() -> str: ...
+def set_block_rows4(on: bool) -> bool: ...   # bint: the four-row blocked pass on/off (tests)
 def dact_values(v: F64, act: int) -> F64: ...   # const double[::1], int: act'(v) (tests)
 def rows_backward(
     x: np.ndarray,              # cnp.ndarray: float16/float32/float64

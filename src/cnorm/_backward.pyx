@@ -52,12 +52,25 @@ cdef extern from *:
     """
     #include <string.h>
     #define CNB_LANES 8
+    /* whether the four-row blocked pass (cnb_rowB4) is used: its 16 lane
+       accumulators are 16 zmm registers on AVX-512, but 32 ymm (twice the
+       register file) on AVX2 and 64 xmm on SSE2, where they live on the stack */
+    #if defined(__AVX512F__)
+    #define CNB_BLOCK_ROWS4 1
+    #else
+    #define CNB_BLOCK_ROWS4 0
+    #endif
     /* eight float64 lanes as one GCC/Clang vector: each lane is its own
        accumulator, with IEEE operations per lane on every ISA (SSE2 splits it
        into four registers, AVX-512 uses one) -- the lanes are the same numbers */
     typedef double cnb_v8 __attribute__((vector_size(64), aligned(8)));
     static inline cnb_v8 cnb_ld(const double *p) { cnb_v8 v; memcpy(&v, p, sizeof v); return v; }
     static inline void cnb_st(double *p, cnb_v8 v) { memcpy(p, &v, sizeof v); }
+    /* a in every lane, made once before a loop: a scalar operand inside the
+       loops (v - m) was broadcast again on every iteration through the stack
+       by GCC on AVX2, whose vectors hold half of cnb_v8 (layer_norm_backward
+       float64 on an AMD EPYC Zen 3); the same numbers as the scalar operand */
+    static inline cnb_v8 cnb_splat(double a) { cnb_v8 v = {a, a, a, a, a, a, a, a}; return v; }
 
     /* a1 += w*g, a2 += w*g*xh (lanes); with pvec also pw += g*xh, pb += g */
     static inline void cnb_wsums(const double *restrict xh, const double *restrict g,
@@ -75,7 +88,7 @@ cdef extern from *:
                 cnb_st(pb + i, cnb_ld(pb + i) + gg);
             }
         } else {
-            double w0 = w[0];
+            const cnb_v8 w0 = cnb_splat(w[0]);
             for (i = 0; i < nv; i += CNB_LANES) {
                 cnb_v8 t = w0 * cnb_ld(g + i);
                 s1 += t;
@@ -131,6 +144,21 @@ cdef extern from *:
     static inline void cnb_st_f(float *p, cnb_v8 v) {
         _mm256_storeu_ps(p, _mm512_cvtpd_ps((__m512d)v));
     }
+    #elif defined(__AVX__)
+    /* two 256-bit conversions joined into the 8-lane vector: GCC lowered the
+       generic convert below through stack copies here (layer_norm_backward of
+       (2048, 1024) float32, 1 thread, AMD EPYC Zen 3: 23 ms against 9 ms on
+       the SSE2 build); the same exact widening and round-to-nearest narrowing */
+    #include <immintrin.h>
+    static inline cnb_v8 cnb_ld_f(const float *p) {
+        __m256d h[2] = {_mm256_cvtps_pd(_mm_loadu_ps(p)), _mm256_cvtps_pd(_mm_loadu_ps(p + 4))};
+        cnb_v8 v; memcpy(&v, h, sizeof v); return v;
+    }
+    static inline void cnb_st_f(float *p, cnb_v8 v) {
+        __m256d h[2]; memcpy(h, &v, sizeof v);
+        _mm_storeu_ps(p, _mm256_cvtpd_ps(h[0]));
+        _mm_storeu_ps(p + 4, _mm256_cvtpd_ps(h[1]));
+    }
     #else
     static inline cnb_v8 cnb_ld_f(const float *p) {
         cnb_v8f v; memcpy(&v, p, sizeof v); return __builtin_convertvector(v, cnb_v8);
@@ -150,10 +178,11 @@ cdef extern from *:
     static inline void cnb_rowA_##S(const T *restrict x, Py_ssize_t n, double m,            \
                                     double *restrict a) {                                   \
         cnb_v8 s0 = cnb_ld(a), s1 = cnb_ld(a + 8);                                          \
+        const cnb_v8 mv = cnb_splat(m);                                                     \
         Py_ssize_t i, nv = n - n % 16;                                                      \
         for (i = 0; i < nv; i += 16) {                                                      \
-            s0 += cnb_ld_##S(x + i) - m;                                                    \
-            s1 += cnb_ld_##S(x + i + 8) - m;                                                \
+            s0 += cnb_ld_##S(x + i) - mv;                                                   \
+            s1 += cnb_ld_##S(x + i + 8) - mv;                                               \
         }                                                                                   \
         cnb_st(a, s0); cnb_st(a + 8, s1);                                                   \
         for (i = nv; i < n; i++) a[i - nv] += (double)x[i] - m;                             \
@@ -166,25 +195,26 @@ cdef extern from *:
         cnb_v8 s1a = cnb_ld(a), s1b = cnb_ld(a + 8), s2a = cnb_ld(a + 16), s2b = cnb_ld(a + 24); \
         Py_ssize_t i, nv = n - n % 16;                                                      \
         const int z = ml == 0.0;                                                            \
+        const cnb_v8 mv = cnb_splat(m), mlv = cnb_splat(ml), rv = cnb_splat(r);            \
         if (pvec) {                                                                         \
             for (i = 0; i < nv; i += 16) {                                                  \
-                cnb_v8 v = CNB_C(cnb_ld_##S(x + i), m, ml, z) * r, g = cnb_ld_##S(dy + i); \
+                cnb_v8 v = CNB_C(cnb_ld_##S(x + i), mv, mlv, z) * rv, g = cnb_ld_##S(dy + i);\
                 cnb_v8 t = cnb_ld(w + i) * g;                                               \
                 s1a += t; s2a += t * v;                                                     \
                 cnb_st(pw + i, cnb_ld(pw + i) + g * v);                                     \
                 cnb_st(pb + i, cnb_ld(pb + i) + g);                                         \
-                v = CNB_C(cnb_ld_##S(x + i + 8), m, ml, z) * r; g = cnb_ld_##S(dy + i + 8);\
+                v = CNB_C(cnb_ld_##S(x + i + 8), mv, mlv, z) * rv; g = cnb_ld_##S(dy + i + 8);\
                 t = cnb_ld(w + i + 8) * g;                                                  \
                 s1b += t; s2b += t * v;                                                     \
                 cnb_st(pw + i + 8, cnb_ld(pw + i + 8) + g * v);                             \
                 cnb_st(pb + i + 8, cnb_ld(pb + i + 8) + g);                                 \
             }                                                                               \
         } else {                                                                            \
-            double w0 = w[0];                                                               \
+            const cnb_v8 w0 = cnb_splat(w[0]);                                              \
             for (i = 0; i < nv; i += 16) {                                                  \
-                cnb_v8 v = CNB_C(cnb_ld_##S(x + i), m, ml, z) * r, t = w0 * cnb_ld_##S(dy + i);\
+                cnb_v8 v = CNB_C(cnb_ld_##S(x + i), mv, mlv, z) * rv, t = w0 * cnb_ld_##S(dy + i);\
                 s1a += t; s2a += t * v;                                                     \
-                v = CNB_C(cnb_ld_##S(x + i + 8), m, ml, z) * r; t = w0 * cnb_ld_##S(dy + i + 8);\
+                v = CNB_C(cnb_ld_##S(x + i + 8), mv, mlv, z) * rv; t = w0 * cnb_ld_##S(dy + i + 8);\
                 s1b += t; s2b += t * v;                                                     \
             }                                                                               \
         }                                                                                   \
@@ -204,10 +234,12 @@ cdef extern from *:
         Py_ssize_t i, nv = n - n % 8;                                                       \
         double w0 = w[0];                                                                   \
         const int z = ml == 0.0;                                                            \
+        const cnb_v8 mv = cnb_splat(m), mlv = cnb_splat(ml), rv = cnb_splat(r);            \
+        const cnb_v8 w0v = cnb_splat(w0), av = cnb_splat(a), bbv = cnb_splat(bb);          \
         for (i = 0; i < nv; i += 8) {                                                       \
-            cnb_v8 v = CNB_C(cnb_ld_##S(x + i), m, ml, z) * r, g = cnb_ld_##S(dy + i);     \
-            cnb_v8 wg = pvec ? cnb_ld(w + i) * g : w0 * g;                                  \
-            cnb_st_##S(dx + i, ((wg - a) - v * bb) * r);                                    \
+            cnb_v8 v = CNB_C(cnb_ld_##S(x + i), mv, mlv, z) * rv, g = cnb_ld_##S(dy + i);  \
+            cnb_v8 wg = pvec ? cnb_ld(w + i) * g : w0v * g;                                 \
+            cnb_st_##S(dx + i, ((wg - av) - v * bbv) * rv);                                 \
         }                                                                                   \
         for (i = nv; i < n; i++) {                                                          \
             double v = (((double)x[i] - m) - ml) * r;                                       \
@@ -221,17 +253,18 @@ cdef extern from *:
         cnb_v8 c0 = cnb_ld(a), c1 = cnb_ld(a + 8), g0 = cnb_ld(a + 16), g1 = cnb_ld(a + 24); \
         cnb_v8 p0 = cnb_ld(a + 32), p1 = cnb_ld(a + 40);                                    \
         Py_ssize_t i, nv = n - n % 16;                                                      \
+        const cnb_v8 mhv = cnb_splat(mh), mlv = cnb_splat(ml), rv = cnb_splat(r);          \
         if (want_dy) {                                                                      \
             for (i = 0; i < nv; i += 16) {                                                  \
-                cnb_v8 c = (cnb_ld_##S(x + i) - mh) - ml, g = cnb_ld_##S(dy + i);          \
-                c0 += c; g0 += g; p0 += g * (c * r);                                        \
-                c = (cnb_ld_##S(x + i + 8) - mh) - ml; g = cnb_ld_##S(dy + i + 8);         \
-                c1 += c; g1 += g; p1 += g * (c * r);                                        \
+                cnb_v8 c = (cnb_ld_##S(x + i) - mhv) - mlv, g = cnb_ld_##S(dy + i);        \
+                c0 += c; g0 += g; p0 += g * (c * rv);                                       \
+                c = (cnb_ld_##S(x + i + 8) - mhv) - mlv; g = cnb_ld_##S(dy + i + 8);       \
+                c1 += c; g1 += g; p1 += g * (c * rv);                                       \
             }                                                                               \
         } else {                                                                            \
             for (i = 0; i < nv; i += 16) {                                                  \
-                c0 += (cnb_ld_##S(x + i) - mh) - ml;                                        \
-                c1 += (cnb_ld_##S(x + i + 8) - mh) - ml;                                    \
+                c0 += (cnb_ld_##S(x + i) - mhv) - mlv;                                      \
+                c1 += (cnb_ld_##S(x + i + 8) - mhv) - mlv;                                  \
             }                                                                               \
         }                                                                                   \
         cnb_st(a, c0); cnb_st(a + 8, c1); cnb_st(a + 16, g0); cnb_st(a + 24, g1);           \
@@ -362,6 +395,7 @@ cdef extern from *:
         for (i = 0; i < n; i++) xh[i] = ((x[i] - m) - ml) * r;
     }
     """
+    int CNB_BLOCK_ROWS4
     void cnb_wsums(const double* xh, const double* g, const double* w, int pvec, double* pw,
                    double* pb, Py_ssize_t n, double* a1, double* a2) noexcept nogil
     void cnb_sum(const double* c, Py_ssize_t n, double* a) noexcept nogil
@@ -580,6 +614,20 @@ DEF ACT_SILU = 4
 
 def isa():
     return cn_isa_name().decode()
+
+
+# the four-row blocked pass of LayerNorm-like rows (cnb_rowB4): on by default
+# where its accumulators fit the registers (CNB_BLOCK_ROWS4)
+cdef bint block_rows4 = CNB_BLOCK_ROWS4
+
+
+def set_block_rows4(bint on):
+    """Turn the four-row blocked pass on or off (tests: it must give the bits
+    of the row-by-row pass on every ISA); returns the previous setting."""
+    global block_rows4
+    previous = block_rows4
+    block_rows4 = on
+    return previous
 
 
 # ---------------------------------------------------------------- loads and stores
@@ -1046,7 +1094,8 @@ cdef int rows_nd(const char* x, const char* dy, char* dx, const Py_ssize_t* sh,
         fast = (act == ACT_NONE and xs[3] == sizeof(io_t) and ds[3] == sizeof(io_t)
                 and os[3] == sizeof(io_t))
         # LayerNorm-like rows: contiguous segments, parameters per element, the same for every row
-        blocked = fast and pacc != NULL and ps[3] == 1 and ps[0] == 0 and ps[1] == 0
+        blocked = (block_rows4 and fast and pacc != NULL and ps[3] == 1 and ps[0] == 0
+                   and ps[1] == 0)
     for t in prange(ntasks, nogil=True, num_threads=nt, schedule='static'):
         xb = NULL
         gb = NULL
