@@ -15,6 +15,7 @@ dims that the caller loops over, merging into the same states.
 from __future__ import annotations
 
 import functools
+import itertools
 
 from dataclasses import dataclass, field
 from operator import index
@@ -61,6 +62,14 @@ class Plan:
     so: int                          # state strides of O and K
     sk: int
     outer: list = field(default_factory=list)   # [(size, byte stride, state stride)], outermost first
+
+    def outer_offsets(self):
+        """Yield ``(byte offset into x, state offset)`` of each outer iteration
+        (one ``(offset, 0)`` when there are no outer loops)."""
+        outer = self.outer
+        for idx in itertools.product(*(range(d[0]) for d in outer)):
+            yield (self.offset + sum(i * d[1] for i, d in zip(idx, outer)),
+                   sum(i * d[2] for i, d in zip(idx, outer)))
 
 
 def plan_reduction(shape, strides, red_axes, state_strides) -> Plan:
@@ -136,6 +145,13 @@ class ElementwisePlan:
     shape: tuple
     strides: list                    # per operand: a 4-tuple of strides
     outer: list                      # [(size, per-operand strides)], outermost first
+
+    def outer_offsets(self):
+        """Yield the per-operand offsets (a list, in each operand's stride unit)
+        of each outer iteration (one list of zeros when there are none)."""
+        outer, nops = self.outer, len(self.strides)
+        for idx in itertools.product(*(range(d[0]) for d in outer)):
+            yield [sum(i * d[1][k] for i, d in zip(idx, outer)) for k in range(nops)]
 
 
 def layout_order(shape, strides):

@@ -8,7 +8,6 @@ the scaler, dask) is built on it.
 from __future__ import annotations
 
 import functools
-import itertools
 import warnings
 
 import numpy as np
@@ -100,9 +99,7 @@ def reduce_states(x: np.ndarray, red_axes, *, backend: str, nthreads: int,
         return states
     if backend == "numba" and mod.reduce_planned(x, plan, flat, nthreads):
         return states
-    for idx in itertools.product(*(range(d[0]) for d in plan.outer)):
-        off = plan.offset + sum(i * d[1] for i, d in zip(idx, plan.outer))
-        soff = sum(i * d[2] for i, d in zip(idx, plan.outer))
+    for off, soff in plan.outer_offsets():
         if backend == "numba":
             view = strided_view(x, off, plan.shape, plan.strides, as_bits=True)
             mod.moments_4d(view, x.dtype == np.float16, plan.so, plan.sk, flat, soff, nthreads)
@@ -222,8 +219,7 @@ def apply(x: np.ndarray, y: np.ndarray, mh, ml, rs, w, b, act: int, *, backend: 
         mod = _config.family("_apply")
     else:
         from . import _numba_apply as mod
-    for idx in np.ndindex(*[d[0] for d in plan.outer]):
-        offs = [sum(i * d[1][k] for i, d in zip(idx, plan.outer)) for k in range(4)]
+    for offs in plan.outer_offsets():
         mod.apply_4d(x, offs[0], y, offs[1], flat_s[0], flat_s[1], flat_s[2], s0 + offs[2],
                      flat_p[0], flat_p[1], p0 + offs[3], plan.shape, plan.strides[0],
                      plan.strides[1], plan.strides[2], plan.strides[3], act, nthreads)

@@ -46,7 +46,6 @@ Every kernel is compiled with the one policy of :mod:`cnorm._numba_policy`
 """
 from __future__ import annotations
 
-import itertools
 import math
 import platform
 import struct
@@ -1294,12 +1293,6 @@ def reduce_planned(x, plan, states, nthreads):
     size = x.itemsize
     xs = tuple(s // size for s in plan.strides)
     nthreads = int(nthreads)
-    if not plan.outer:
-        _run(buf, base + plan.offset // size, plan.shape, xs, plan.so, plan.sk, states, 0,
-             nthreads)
-        return True
-    for idx in itertools.product(*(range(d[0]) for d in plan.outer)):
-        off = plan.offset + sum(i * d[1] for i, d in zip(idx, plan.outer))
-        soff = sum(i * d[2] for i, d in zip(idx, plan.outer))
+    for off, soff in plan.outer_offsets():
         _run(buf, base + off // size, plan.shape, xs, plan.so, plan.sk, states, soff, nthreads)
     return True

@@ -448,8 +448,7 @@ def _dx_pass(xv, dyv, dxv, stats, params, act, backend, nt):
     s0 = _base_offset(stats[0], fs[0])
     p0 = _base_offset(params[0], fp[0])
     mod = _kernels(backend)
-    for idx in np.ndindex(*[d[0] for d in plan.outer]):
-        offs = [sum(i * d[1][k] for i, d in zip(idx, plan.outer)) for k in range(5)]
+    for offs in plan.outer_offsets():
         mod.dx_4d(xv, offs[0], dyv, offs[1], dxv, offs[2], fs[0], fs[1], fs[2], fs[3], fs[4],
                   s0 + offs[3], fp[0], fp[1], p0 + offs[4], plan.shape, plan.strides[0],
                   plan.strides[1], plan.strides[2], plan.strides[3], plan.strides[4], act, nt)
