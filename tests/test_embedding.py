@@ -261,7 +261,7 @@ def cy(tmp_path_factory):
     (d / "cnorm_embed_demo.pyx").write_text(textwrap.dedent(PYX))
     (d / "setup.py").write_text(textwrap.dedent(SETUP))
     proc = subprocess.run([sys.executable, "setup.py"], cwd=d, capture_output=True, text=True,
-                          timeout=180)
+                          timeout=600)   # a hang guard
     assert proc.returncode == 0, f"build failed:\n{proc.stdout}\n{proc.stderr}"
     (so,) = [p for p in os.listdir(d) if p.startswith("cnorm_embed_demo.") and
              p.endswith((".so", ".pyd"))]

@@ -31,7 +31,7 @@ def run_python(code, **env):
     full = {k: v for k, v in os.environ.items() if k != "CNORM_ISA"}
     full.update(env)
     return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=600)   # a hang guard
 
 
 def test_runnable_paths_are_compiled_and_ordered():
