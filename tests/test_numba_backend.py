@@ -515,6 +515,65 @@ def test_one_fastmath_policy():
         assert type(k._cache).__name__ == "FunctionCache", k
 
 
+
+def _dispatchers():
+    """(name, dispatcher) of every kernel the numba backend defines."""
+    from cnorm import _numba_apply, _numba_backward, _numba_rows
+    for mod in (cn, _numba_rows, _numba_apply, _numba_backward):
+        for name, v in vars(mod).items():
+            if isinstance(v, numba.core.registry.CPUDispatcher) and v.__module__ == mod.__name__:
+                yield f"{mod.__name__}.{name}", v
+
+
+def _compiled():
+    return {name: list(d.signatures) for name, d in _dispatchers()}
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+def test_read_only_inputs_reuse_the_compiled_kernels(dtype, rng):
+    """Numba compiles a kernel per tuple of argument types, and an array's type
+    includes its writeable flag: the entry points pass every input (statistics,
+    parameters) read-only, so calls with the caller's read-only arrays run the
+    kernels that calls with writeable ones compiled -- no second compilation.
+    Constants reach the kernels as int64 values, never as literal types (each
+    literal would compile one more copy of a kernel)."""
+    x = (rng.standard_normal((4, 6, 5, 8)) + 3).astype(dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    w6, b6 = rng.standard_normal(6), rng.standard_normal(6)
+    w8, b8 = rng.standard_normal(8), rng.standard_normal(8)
+
+    def run(inputs):
+        kw = dict(backend="numba")
+        _, m, r = cnorm.layer_norm(x, -1, inputs(w8), inputs(b8), return_stats=True, **kw)
+        cnorm.layer_norm_backward(dy, x, inputs(m), inputs(r), inputs(w8), inputs(b8), **kw)
+        cnorm.layer_norm_backward(dy, x, inputs(m), inputs(r), inputs(w8), inputs(b8),
+                                  activation="relu", **kw)
+        _, m, r = cnorm.batch_norm(x, inputs(w6), inputs(b6), return_stats=True, **kw)
+        cnorm.batch_norm(x, inputs(w6), inputs(b6), training=False,
+                         running_mean=inputs(m.reshape(-1)), running_var=inputs(r.reshape(-1)),
+                         **kw)
+        cnorm.batch_norm_backward(dy, x, inputs(m), inputs(r), inputs(w6), inputs(b6), **kw)
+        _, m, r = cnorm.group_norm(x, 3, inputs(w6), inputs(b6), return_stats=True, **kw)
+        cnorm.group_norm_backward(dy, x, inputs(m), inputs(r), 3, inputs(w6), inputs(b6), **kw)
+        cnorm.moments(inputs(x), axis=(0, 2), **kw)
+        flat = x.reshape(-1)   # users' own calls keep their types: always writeable here
+        cn.moments_1d(flat.view(np.uint16) if dtype == np.float16 else flat)
+
+    def frozen(a):
+        a = np.array(a)
+        a.flags.writeable = False
+        return a
+
+    run(np.array)
+    before = _compiled()
+    run(frozen)
+    grown = {k: v[len(before.get(k, [])):] for k, v in _compiled().items()
+             if len(v) != len(before.get(k, []))}
+    assert grown == {}, f"read-only inputs compiled new kernels: {grown}"
+    literal = [(k, s) for k, sigs in _compiled().items() for s in sigs if "Literal" in str(s)]
+    assert literal == [], f"kernels compiled for literal arguments: {literal}"
+
+
 # ------------------------------------------------------------------ fused rows (_numba_rows)
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64], ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("case", ["layer", "layer affine relu", "rms weight", "group", "instance",

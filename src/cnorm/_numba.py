@@ -1122,7 +1122,10 @@ def moments_1d(x):
     (100000002.33333333, 1.5555555555555556)
     """
     out = np.zeros((1, 5))
-    _rows_serial(x, 0, (1, 1, 1, x.shape[0]), (0, 0, 0, 1), 0, 0, out, 0)
+    # int64 variables, not literals: the call reuses moments_4d's compiled tree
+    # (a literal 0 or (1, 1, 1, n) would compile a copy of it for those types)
+    z, o = np.int64(0), np.int64(1)
+    _rows_serial(x, z, (o, o, o, np.int64(x.shape[0])), (z, z, z, o), z, z, out, z)
     return out[0]
 
 

@@ -48,7 +48,7 @@ from numba.extending import overload
 
 from ._numba import _ld, _opaque, _stack_2d
 from ._numba_apply import _store_half
-from ._numba_policy import OVERLOAD_OPTIONS, jit
+from ._numba_policy import OVERLOAD_OPTIONS, jit, read_only
 from ._numba_rows import _launch
 
 __all__ = ["rows_backward", "cells_reduce", "dx_4d"]
@@ -60,6 +60,11 @@ LANES = 16            # float64 lanes of every sum (Cython's row_fast / cnb_cell
 DX_TASKS = 256        # the dx pass: at most this many tasks (ranges of inner rows)
 TILE = 256            # columns per tile of the channels-last sums (<= CHUNK)
 TILE_ROW = TILE + 8   # the tile's row length: rows not 4 KiB apart (no store/load aliasing)
+
+# Constants reach non-inlined kernels as np.int64(...) values: a bare literal
+# (0, CHUNK, or a module global, which Numba freezes into a literal) would
+# compile one more copy of the callee for its literal type
+# (tests/test_numba_backend.py checks that no kernel has a literal signature).
 
 
 @jit
@@ -387,7 +392,8 @@ def _row_sums(x, dy, geo, st, w, b, pvec, want, pw, pb, act, direct, rowbuf, nl,
                 gc = gb[j:j + n]
                 pp = p + c0 if pvec else p
                 _load_gv(x, xo + k0 * xs2 + c0 * xs3, xs3, dy, do + k0 * ds2 + c0 * ds3, ds3, n, xc,
-                         gc, st[0:1], st[1:2], st[2:3], 0, w[pp:], b[pp:], 1 if pvec else 0, act)
+                         gc, st[0:1], st[1:2], st[2:3], np.int64(0), w[pp:], b[pp:],
+                         np.int64(1 if pvec else 0), act)
                 if pvec:
                     _lanes_wsums(xc, gc, n, m, ml, r, w[pp:], lanes, nl)
                     _param_sums(xc, gc, n, m, ml, r, pw[pp:], pb[pp:])
@@ -427,8 +433,8 @@ def _row_dx(x, dy, dx, geo, st, w, b, pvec, act, a, bb, direct, rowbuf, xb, gb, 
                 j = k0 * K1 + c0 if rowbuf else 0
                 if not rowbuf:
                     _load_gv(x, xo + k0 * xs2 + c0 * xs3, xs3, dy, do + k0 * ds2 + c0 * ds3, ds3, n,
-                             xb, gb, st[0:1], st[1:2], st[2:3], 0, w[pp:], b[pp:],
-                             1 if pvec else 0, act)
+                             xb, gb, st[0:1], st[1:2], st[2:3], np.int64(0), w[pp:], b[pp:],
+                             np.int64(1 if pvec else 0), act)
                 _dx_span(xb, j, gb, j, out, ot, n, m, ml, r, w, pp, pvec, a, bb)
             if not in_place:
                 _flush(dx, oa, os3, n, ob, hb)
@@ -470,8 +476,9 @@ def _rows_task(t, x, dy, dx, iv, mean, rstd, w, b, pacc, scratch):
         i0 = q // B1
         i1 = q % B1
         si = iv[_R_SOFF] + i0 * iv[_R_SS0] + i1 * iv[_R_SS1]
-        geo = (_at(xs, i0, i1, 0), xs[2], xs[3], _at(ds, i0, i1, 0), ds[2], ds[3],
-               _at(os, i0, i1, 0), os[2], os[3], _at(ps, i0, i1, 0), ps[2], K0, K1)
+        z = np.int64(0)
+        geo = (_at(xs, i0, i1, z), xs[2], xs[3], _at(ds, i0, i1, z), ds[2], ds[3],
+               _at(os, i0, i1, z), os[2], os[3], _at(ps, i0, i1, z), ps[2], K0, K1)
         st[0] = mean[si]
         st[2] = rstd[si]
         st[1] = _row_mean_lo(x, geo, st[0], direct, nl, lanes, xb) if refine else 0.0
@@ -492,7 +499,8 @@ def _rows_serial(x, dy, dx, iv, mean, rstd, w, b, pacc):
 @jit(parallel=True)
 def _rows_parallel(x, dy, dx, iv, mean, rstd, w, b, pacc):
     for t in prange(iv[_R_NTASKS]):
-        _rows_task(t, x, dy, dx, iv, mean, rstd, w, b, pacc, _scratch(dx, _row_paths(iv)[2]))
+        _rows_task(np.int64(t), x, dy, dx, iv, mean, rstd, w, b, pacc,
+                   _scratch(dx, _row_paths(iv)[2]))
 
 
 # ---------------------------------------------------------------- cells
@@ -524,7 +532,8 @@ def _cell_rows(x, dy, iv, o, k, c, mh, ml, rs, w, b, out, xb, gb, lanes):
             n = min(CHUNK, R0 - c0)
             if want_dy:
                 _load_gv(x, xo + c0 * xs[3], xs[3], dy, do + c0 * ds[3], ds[3], n, xb, gb,
-                         mh[ci:], ml[ci:], rs[ci:], 0, w[ci:], b[ci:], 0, act)
+                         mh[ci:], ml[ci:], rs[ci:], np.int64(0), w[ci:], b[ci:], np.int64(0),
+                         act)
                 _lanes_cell(xb, gb, n, m0, m1, r, lanes, nl)
             else:
                 _gather(x, xo + c0 * xs[3], xs[3], n, xb)
@@ -590,7 +599,7 @@ def _cells_task(t, x, dy, iv, mh, ml, rs, w, b, out, scratch):
 
 @jit
 def _cells_serial(ntasks, x, dy, iv, mh, ml, rs, w, b, out):
-    scratch = _scratch(x, CHUNK)
+    scratch = _scratch(x, np.int64(CHUNK))
     for t in range(ntasks):
         _cells_task(t, x, dy, iv, mh, ml, rs, w, b, out, scratch)
 
@@ -598,7 +607,7 @@ def _cells_serial(ntasks, x, dy, iv, mh, ml, rs, w, b, out):
 @jit(parallel=True)
 def _cells_parallel(ntasks, x, dy, iv, mh, ml, rs, w, b, out):
     for t in prange(ntasks):
-        _cells_task(t, x, dy, iv, mh, ml, rs, w, b, out, _scratch(x, CHUNK))
+        _cells_task(np.int64(t), x, dy, iv, mh, ml, rs, w, b, out, _scratch(x, np.int64(CHUNK)))
 
 
 # ---------------------------------------------------------------- the elementwise dx pass
@@ -633,19 +642,21 @@ def _dx_task(t, ntasks, x, dy, dx, iv, mh, ml, rs, a, bb, w, b, scratch):
             if svec and direct:
                 _dx_vec(x, xo + c0, dy, do + c0, out, ot, n, mh, ml, rs, a, bb, s, w, p, pvec)
             elif svec:
-                _dx_vec(xb, 0, gb, 0, out, ot, n, mh, ml, rs, a, bb, s, w, p, pvec)
+                z = np.int64(0)
+                _dx_vec(xb, z, gb, z, out, ot, n, mh, ml, rs, a, bb, s, w, p, pvec)
             elif direct:
                 _dx_span(x, xo + c0, dy, do + c0, out, ot, n, mh[s], ml[s], rs[s], w, p, pvec, a[s],
                          bb[s])
             else:
-                _dx_span(xb, 0, gb, 0, out, ot, n, mh[s], ml[s], rs[s], w, p, pvec, a[s], bb[s])
+                z = np.int64(0)
+                _dx_span(xb, z, gb, z, out, ot, n, mh[s], ml[s], rs[s], w, p, pvec, a[s], bb[s])
             if not in_place:
                 _flush(dx, oa, os[3], n, ob, hb)
 
 
 @jit
 def _dx_serial(ntasks, x, dy, dx, iv, mh, ml, rs, a, bb, w, b):
-    scratch = _scratch(dx, CHUNK)
+    scratch = _scratch(dx, np.int64(CHUNK))
     for t in range(ntasks):
         _dx_task(t, ntasks, x, dy, dx, iv, mh, ml, rs, a, bb, w, b, scratch)
 
@@ -653,7 +664,8 @@ def _dx_serial(ntasks, x, dy, dx, iv, mh, ml, rs, a, bb, w, b):
 @jit(parallel=True)
 def _dx_parallel(ntasks, x, dy, dx, iv, mh, ml, rs, a, bb, w, b):
     for t in prange(ntasks):
-        _dx_task(t, ntasks, x, dy, dx, iv, mh, ml, rs, a, bb, w, b, _scratch(dx, CHUNK))
+        _dx_task(np.int64(t), ntasks, x, dy, dx, iv, mh, ml, rs, a, bb, w, b,
+                 _scratch(dx, np.int64(CHUNK)))
 
 
 # ---------------------------------------------------------------- views
@@ -683,9 +695,10 @@ def _flat(a, offset, shape, strides, writable=False):
 
 
 def _f64(a):
-    """A C-contiguous float64 1-d array (one Numba type for every argument)."""
+    """A read-only C-contiguous float64 1-d array: an input of the kernels, one
+    Numba type whether the caller's array is writeable or not."""
     a = np.asarray(a, dtype=np.float64).reshape(-1)
-    return a if a.flags.c_contiguous else a.copy()
+    return read_only(a if a.flags.c_contiguous else a.copy())
 
 
 # ---------------------------------------------------------------- entry points (Cython's signatures)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from numba import njit
 
-__all__ = ["FASTMATH", "FORBIDDEN_FASTMATH", "JIT_OPTIONS", "OVERLOAD_OPTIONS", "jit"]
+__all__ = ["FASTMATH", "FORBIDDEN_FASTMATH", "JIT_OPTIONS", "OVERLOAD_OPTIONS", "jit", "read_only"]
 
 #: The fast-math setting of every cnorm kernel (see the module docstring).
 FASTMATH = False
@@ -72,3 +72,19 @@ def jit(func=None, *, parallel: bool = False, inline: str = "never"):
         options["inline"] = inline
     decorator = njit(**options)
     return decorator if func is None else decorator(func)
+
+
+def read_only(a):
+    """``a``, or a view of it, that is not writeable.
+
+    Numba compiles a kernel once per tuple of argument types, and an array's
+    type includes whether it is writeable: the entry points pass every input
+    array through this, so one compiled kernel serves callers' writeable and
+    read-only arrays alike (and the suite compiles each kernel once per dtype,
+    not once per combination of flags).
+    """
+    if not a.flags.writeable:
+        return a
+    v = a.view()
+    v.flags.writeable = False
+    return v

@@ -21,7 +21,7 @@ import numpy as np
 from ._numba import (PF_AHEAD, SERIAL_WORK, _blocks_in_slice, _dd_div_d, _is_half, _ld,
                      _max_threads, _numba_threads, _slice_chunk)
 from ._numba_apply import H32_LIMIT, _activate, _h32_f32, _h32_stats_ok, _h32_value, _store_half
-from ._numba_policy import jit
+from ._numba_policy import jit, read_only
 
 
 @jit(inline="always")
@@ -221,7 +221,8 @@ def _launch(serial, parallel, args, tasks, work, nthreads, min_work=SERIAL_WORK,
 
 
 def _f64(a):
-    return np.ascontiguousarray(a, dtype=np.float64)
+    """A read-only C-contiguous float64 array (an input: one Numba type)."""
+    return read_only(np.ascontiguousarray(a, dtype=np.float64))
 
 
 def _params(w, b, half):
@@ -237,7 +238,7 @@ def _params(w, b, half):
         in_range = bool(np.all(np.abs(w) <= H32_LIMIT) and np.all(np.abs(b) <= H32_LIMIT))
     if not in_range:
         return w, b, empty, empty
-    return w, b, w.astype(np.float32), b.astype(np.float32)
+    return w, b, read_only(w.astype(np.float32)), read_only(b.astype(np.float32))
 
 
 def norm_rows(x, y, R, L, xrs, yrs, eps, mode, w, b, psub, pmod, pmul, act, mean, var, nthreads):
@@ -357,8 +358,8 @@ def _scale_block(x, y, fbuf, r0, r1, mh, ml, rs, smod, sper, w, b, w32, b32, psu
 @jit
 def _scale_serial(x, y, mh, ml, rs, smod, sper, w, b, w32, b32, psub, pmod, pmul, act, half):
     fbuf = np.empty(x.shape[1], np.float32)
-    _scale_block(x, y, fbuf, 0, x.shape[0], mh, ml, rs, smod, sper, w, b, w32, b32, psub, pmod,
-                 pmul, act, half)
+    _scale_block(x, y, fbuf, np.int64(0), x.shape[0], mh, ml, rs, smod, sper, w, b, w32, b32,
+                 psub, pmod, pmul, act, half)
 
 
 @jit(parallel=True)
