@@ -84,28 +84,31 @@ static inline double cn_a_one(double x, double mh, double ml, double rs, double 
 /* float32: 512-bit or 256-bit loops per call, as the statistics loops
  * (cn_f32_zmm of _simd.h; on the Intel Xeon of 2026-12-06, no affine /
  * per-element affine 0.176 / 0.230 ns/element in ymm, 0.140 / 0.184 in zmm) */
-#define CN_APPLY_AT_f32(name) (cn_f32_zmm ? name##_w8 : name##_w4)
+#define CN_APPLY_CALL_f32(name, args) (cn_f32_zmm ? name##_w8 args : name##_w4 args)
 #else
-#define CN_APPLY_AT_f32(name) CN_APPLY_AT_(name, CN_AW_NATIVE)
+#define CN_APPLY_CALL_f32(name, args) CN_APPLY_CALL_(name, CN_AW_NATIVE, args)
 #endif
-#define CN_APPLY_AT_f64(name) CN_APPLY_AT_(name, CN_AW_NATIVE)
-/* name_w<width of SUFFIX's loops> */
-#define CN_APPLY_AT(name, SUFFIX) CN_APPLY_AT_##SUFFIX(name)
-#define CN_APPLY_AT_(name, w) CN_APPLY_AT__(name, w)
-#define CN_APPLY_AT__(name, w) name##_w##w
+#define CN_APPLY_CALL_f64(name, args) CN_APPLY_CALL_(name, CN_AW_NATIVE, args)
+/* name_w<width of SUFFIX's loops> args: direct calls, so the always-inline
+ * loops are inlined with KIND a constant.  (Choosing a function pointer,
+ * cn_f32_zmm ? name_w8 : name_w4, made GCC emit the loops out of line with
+ * the dtype test, the ReLU and the streaming flags inside every step.) */
+#define CN_APPLY_CALL(name, SUFFIX, args) CN_APPLY_CALL_##SUFFIX(name, args)
+#define CN_APPLY_CALL_(name, w, args) CN_APPLY_CALL__(name, w, args)
+#define CN_APPLY_CALL__(name, w, args) name##_w##w args
 
 #define CN_APPLY_ROW(SUFFIX, KIND)                                                 \
 static void cn_apply_row_##SUFFIX(const void *x, void *y, ptrdiff_t n, const double *mh,    \
         const double *ml, const double *rs, int svec, const double *w, const double *b,  \
         int pvec, int relu, int stream) {                                                \
-    CN_APPLY_AT(cn_apply_row_k, SUFFIX)(x, y, n, KIND, mh, ml, rs, svec, w, b, pvec,     \
-                                        relu, stream);                                   \
+    CN_APPLY_CALL(cn_apply_row_k, SUFFIX, (x, y, n, KIND, mh, ml, rs, svec, w, b, pvec,  \
+                                           relu, stream));                               \
 }                                                                                        \
 __attribute__((noinline)) static ptrdiff_t cn_apply_rows4_percol_##SUFFIX(           \
         const void *x, void *y, ptrdiff_t R, ptrdiff_t L, const double *mh,            \
         const double *ml, const double *rs, const double *w, const double *b, int relu) { \
-    return CN_APPLY_AT(cn_apply_rows4_percol_k, SUFFIX)(x, y, R, L, KIND, mh, ml, rs, w, \
-                                                        b, relu);                        \
+    return CN_APPLY_CALL(cn_apply_rows4_percol_k, SUFFIX, (x, y, R, L, KIND, mh, ml, rs, \
+                                                           w, b, relu));                 \
 }                                                                                        \
 /* outputs up to 1 MiB (in cache) four rows per step, the rest row by row: out of  \
  * cache interleaving the rows measured up to 1.8x slower; the four-row loop is a  \
@@ -116,8 +119,8 @@ static void cn_apply_rows_percol_##SUFFIX(const void *x, void *y, ptrdiff_t R, p
     const size_t item = KIND == 2 ? 8 : (KIND == 1 ? 4 : 2);                             \
     const ptrdiff_t r0 = (stream || R * L * (ptrdiff_t)item > (1 << 20)) ? 0 :          \
         cn_apply_rows4_percol_##SUFFIX(x, y, R, L, mh, ml, rs, w, b, relu);              \
-    CN_APPLY_AT(cn_apply_rows_percol_k, SUFFIX)((const char *)x + r0 * L * item,         \
-            (char *)y + r0 * L * item, R - r0, L, KIND, mh, ml, rs, w, b, relu, stream); \
+    CN_APPLY_CALL(cn_apply_rows_percol_k, SUFFIX, ((const char *)x + r0 * L * item,      \
+            (char *)y + r0 * L * item, R - r0, L, KIND, mh, ml, rs, w, b, relu, stream)); \
 }
 CN_APPLY_ROW(f32, 1)
 CN_APPLY_ROW(f64, 2)
