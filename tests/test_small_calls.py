@@ -127,6 +127,53 @@ def test_small_path_with_affine(isa, dtype, pdtype, rng, monkeypatch):
     _same(cnorm.rms_norm(x, weight=w), general)
 
 
+STATS_CASES = [
+    ("layer_norm", (32, 64), {}), ("layer_norm", (3, 5, 33), {"weight": 33, "bias": 33}),
+    ("layer_norm", (1, 1), {}), ("rms_norm", (32, 64), {}), ("rms_norm", (7,), {"weight": 7}),
+    ("rms_norm", (4, 16), {"eps": 1e-6}),
+    ("batch_norm", (8, 16), {}), ("batch_norm", (8, 16, 4, 4), {"weight": 16, "bias": 16}),
+    ("batch_norm", (8, 4, 4, 16), {"axis": -1, "running": 16}),
+    ("batch_norm", (2, 3, 100), {"running": 3}),
+    ("group_norm", (8, 16, 4, 4), {"num_groups": 4}), ("group_norm", (8, 12), {"num_groups": 12}),
+    ("instance_norm", (8, 16, 4, 4), {"weight": 16}), ("instance_norm", (2, 3, 100), {})]
+
+
+@pytest.mark.parametrize("name,shape,spec", STATS_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64], ids=lambda d: d.__name__)
+def test_small_calls_return_the_general_path_statistics(isa, name, shape, spec, dtype, rng,
+                                                        monkeypatch):
+    """return_stats=True takes the entry (the training-loop call before a backward) and
+    returns the general path's statistics bit for bit: special values (a NaN, an inf, a
+    constant slice, a -0.0 mean) included; running statistics updated the same."""
+    x = _data(shape, dtype, rng, offset=300.0 if dtype != np.float16 else 10.0)
+    flat = x.reshape(-1)
+    flat[0], flat[-1] = np.nan, np.inf
+    if x.ndim >= 2:
+        x[-1 if x.shape[0] > 1 else 0, ...] = -0.0   # one constant slice of negative zeros
+    fn = getattr(cnorm, name)
+    args = (spec["num_groups"],) if "num_groups" in spec else ()
+    kw = {k: v for k, v in spec.items() if k in ("eps", "axis")}
+    for p in ("weight", "bias"):
+        if p in spec:
+            kw[p] = rng.standard_normal(spec[p]).astype(dtype)
+    running = {}
+    if "running" in spec:
+        running = {"running_mean": rng.standard_normal(spec["running"]),
+                   "running_var": rng.random(spec["running"]) + 0.5}
+    entry = "batch_norm_contig" if name == "batch_norm" else "norm_rows_contig"
+    with np.errstate(all="ignore"):
+        ref_running = {k: v.copy() for k, v in running.items()}
+        general = G(fn, x, *args, return_stats=True, **kw, **ref_running)
+        handled = _spy(monkeypatch, entry)
+        fast = fn(x, *args, return_stats=True, **kw, **running)
+    assert handled == [True]
+    assert type(fast) is tuple and len(fast) == len(general)
+    for f, g in zip(fast, general):
+        _same(f, g)
+    for k in running:
+        _same(running[k], ref_running[k])
+
+
 def test_special_values_stay_in_their_row_on_the_small_path(rng):
     x = _data((5, 24), np.float32, rng)
     x[1, 3], x[2, 0], x[3] = np.nan, np.inf, 7.0
@@ -351,12 +398,16 @@ def test_small_backward_is_bitwise_the_general_path(isa, name, shape, dtype, par
             _same(f, g)
 
 
-# (kind, shape, groups, taken): whether the small path takes the call (it declines the
-# layouts the general path runs on the per-cell kernels: short segments of several rows)
+# (kind, shape, groups, taken): whether the small path takes the call (instance and group
+# norm decline the layouts the general path runs on the per-cell kernels: short segments
+# of several rows, no spatial axes; batch norm takes those to the per-cell pass)
 CHANNEL_BACKWARD_CASES = [
     ("batch", (4, 6, 8, 8), None, True), ("batch", (1, 6, 5, 7), None, True),
     ("batch", (2, 1, 9, 9), None, True), ("batch", (3, 64, 16, 16), None, True),
-    ("batch", (2, 3, 100), None, True), ("batch", (4, 6, 5, 7), None, False),
+    ("batch", (2, 3, 100), None, True), ("batch", (4, 6, 5, 7), None, True),
+    ("batch", (8, 16), None, True), ("batch", (4, 6, 1, 1), None, True),
+    ("batch", (2, 5), None, True), ("batch", (7, 1), None, True),
+    ("batch", (32, 64, 4, 4), None, True), ("instance", (4, 6, 1, 1), None, False),
     ("instance", (4, 6, 5, 7), None, True), ("instance", (2, 3, 100), None, True),
     ("instance", (3, 64, 4, 4), None, True),
     ("group", (4, 6, 8, 8), 3, True), ("group", (4, 6, 8, 8), 6, True),
@@ -407,7 +458,7 @@ def test_small_channel_backward_is_bitwise_the_general_path(isa, kind, shape, gr
 
 
 @pytest.mark.parametrize("case", ["channels last", "activation", "out", "strided", "float32 stats",
-                                  "int weight", "np training", "list x", "1 spatial"])
+                                  "int weight", "np training", "list x"])
 def test_ineligible_channel_backwards_take_the_general_path(case, rng):
     from cnorm import backward as B
     x = _data((4, 6, 8, 8), np.float32, rng)
@@ -432,8 +483,6 @@ def test_ineligible_channel_backwards_take_the_general_path(case, rng):
         args["training"] = np.bool_(True)
     elif case == "list x":
         x, dy = x.tolist(), dy.tolist()
-    elif case == "1 spatial":
-        x, dy = x[:, :, :1, :1].copy(), dy[:, :, :1, :1].copy()
     assert B._small_channel_backward("batch", dy, x, mean, rstd, args["weight"], None, None,
                                      args["training"], args["axis"], args["activation"],
                                      args["out"], "auto", None) is None
@@ -520,7 +569,7 @@ def test_special_values_stay_in_their_channel_on_the_small_batch_norm(rng):
     _same(y, G(cnorm.batch_norm, x))
 
 
-@pytest.mark.parametrize("case", ["eval", "activation", "return_stats", "axis 2", "int weight",
+@pytest.mark.parametrize("case", ["eval", "activation", "np return_stats", "axis 2", "int weight",
                                   "strided x", "fortran x", "list x", "int x", "1-d",
                                   "list running", "read-only running", "int momentum",
                                   "partial overlap", "np axis"])
@@ -532,8 +581,8 @@ def test_ineligible_batch_norms_take_the_general_path(case, rng, monkeypatch):
         kw.update(training=False, running_mean=rm, running_var=rv)
     elif case == "activation":
         kw["activation"] = "relu"
-    elif case == "return_stats":
-        kw["return_stats"] = True
+    elif case == "np return_stats":   # a NumPy bool: the general path checks it
+        kw["return_stats"] = np.bool_(True)
     elif case == "axis 2":
         kw["axis"] = 2
     elif case == "int weight":
@@ -632,7 +681,7 @@ def test_small_group_and_instance_norm_are_bitwise_the_general_path(isa, shape, 
     assert handled == [True] * (2 * len(calls) + 1)
 
 
-@pytest.mark.parametrize("case", ["channels last", "activation", "return_stats", "int weight",
+@pytest.mark.parametrize("case", ["channels last", "activation", "np return_stats", "int weight",
                                   "strided x", "list x", "np groups", "instance running",
                                   "instance eval", "1-d"])
 def test_ineligible_group_norms_take_the_general_path(case, rng, monkeypatch):
@@ -642,8 +691,8 @@ def test_ineligible_group_norms_take_the_general_path(case, rng, monkeypatch):
         kw["axis"], call_x = -1, _data((6, 5, 5, 4), np.float64, rng)
     elif case == "activation":
         kw["activation"] = "relu"
-    elif case == "return_stats":
-        kw["return_stats"] = True
+    elif case == "np return_stats":   # a NumPy bool: the general path checks it
+        kw["return_stats"] = np.bool_(True)
     elif case == "int weight":
         kw["weight"] = np.ones(4, np.int64)
     elif case == "strided x":

@@ -66,10 +66,7 @@ class Plan:
     def outer_offsets(self):
         """Yield ``(byte offset into x, state offset)`` of each outer iteration
         (one ``(offset, 0)`` when there are no outer loops)."""
-        outer = self.outer
-        for idx in itertools.product(*(range(d[0]) for d in outer)):
-            yield (self.offset + sum(i * d[1] for i, d in zip(idx, outer)),
-                   sum(i * d[2] for i, d in zip(idx, outer)))
+        return ((self.offset + off, soff) for off, soff in outer_offsets(self.outer, 2))
 
 
 def plan_reduction(shape, strides, red_axes, state_strides) -> Plan:
@@ -139,19 +136,43 @@ def _plan_reduction(shape, strides, red_axes, state_strides) -> Plan:
                 slots["O"][2], slots["K"][2], outer)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ElementwisePlan:
-    """A 4-d loop over arrays of one shape: dims 0-2 outer, dim 3 the inner row."""
+    """A 4-d loop over arrays of one shape: dims 0-2 outer, dim 3 the inner row
+    (immutable: plans are cached and shared between calls)."""
     shape: tuple
-    strides: list                    # per operand: a 4-tuple of strides
-    outer: list                      # [(size, per-operand strides)], outermost first
+    strides: tuple                   # per operand: a 4-tuple of strides
+    outer: tuple                     # ((size, per-operand strides), ...), outermost first
 
     def outer_offsets(self):
         """Yield the per-operand offsets (a list, in each operand's stride unit)
         of each outer iteration (one list of zeros when there are none)."""
-        outer, nops = self.outer, len(self.strides)
-        for idx in itertools.product(*(range(d[0]) for d in outer)):
-            yield [sum(i * d[1][k] for i, d in zip(idx, outer)) for k in range(nops)]
+        return outer_offsets([(d[0], *d[1]) for d in self.outer], len(self.strides))
+
+
+def outer_offsets(outer, nops):
+    """Per-operand offsets (a list of ``nops``) of each iteration of the loops ``outer``
+    (``(size, stride of operand 0, ..., stride of operand nops-1)``, outermost first;
+    one list of zeros when there are none, the common case, without the product)."""
+    if not outer:
+        return iter(([0] * nops,))
+    return ([sum(i * d[1 + k] for i, d in zip(idx, outer)) for k in range(nops)]
+            for idx in itertools.product(*(range(d[0]) for d in outer)))
+
+
+def follow_order(a, order):
+    """``a`` as a dense float64 array whose memory follows the axis order ``order``
+    (outermost first); ``a`` itself when it already is C-contiguous float64 in C order."""
+    if order == sorted(order):   # C order, most calls: no transposes (~5 us saved)
+        return np.ascontiguousarray(a, dtype=np.float64)
+    inv = np.argsort(order)
+    return np.ascontiguousarray(np.transpose(a, order), dtype=np.float64).transpose(inv)
+
+
+def element_strides(a):
+    """float64 element strides of ``a`` broadcast against a shape it broadcasts to: 0
+    along its size-1 axes (size-1 axes of the target are dropped by the plans)."""
+    return tuple(0 if n == 1 else s // 8 for n, s in zip(a.shape, a.strides))
 
 
 def layout_order(shape, strides):
@@ -165,9 +186,17 @@ def plan_elementwise(shape, operand_strides, order=None) -> ElementwisePlan:
 
     The loop order follows ``order`` (default: the first operand's strides);
     size-1 axes are dropped and neighbours merged when every operand allows.
+    Plans are cached by their arguments: a small call repeated with the same
+    layout (a training loop) does not plan again (~8 us of Python per call).
     """
     if order is None:
         order = layout_order(shape, operand_strides[0])
+    return _plan_elementwise(tuple(shape), tuple(tuple(s) for s in operand_strides),
+                             tuple(order))
+
+
+@functools.lru_cache(maxsize=512)
+def _plan_elementwise(shape, operand_strides, order):
     dims = [[shape[a], [s[a] for s in operand_strides]] for a in order if shape[a] != 1]
     merged = []
     for d in dims:
@@ -183,5 +212,5 @@ def plan_elementwise(shape, operand_strides, order=None) -> ElementwisePlan:
         merged.insert(0, [1, [0] * nops])
     outer, inner = merged[:-4], merged[-4:]
     return ElementwisePlan(tuple(d[0] for d in inner),
-                           [tuple(d[1][k] for d in inner) for k in range(nops)],
-                           [(d[0], d[1]) for d in outer])
+                           tuple(tuple(d[1][k] for d in inner) for k in range(nops)),
+                           tuple((d[0], tuple(d[1])) for d in outer))

@@ -13,7 +13,8 @@ import warnings
 import numpy as np
 
 from . import _config
-from ._axes import layout_order, plan_elementwise, plan_reduction
+from ._axes import (element_strides, follow_order, layout_order, plan_elementwise,
+                    plan_reduction)
 
 STATE_WIDTH = 5
 
@@ -143,17 +144,6 @@ def merge(a: np.ndarray, b: np.ndarray, backend: str = "cython") -> None:
 ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
 
 
-def _follow(a: np.ndarray, order) -> np.ndarray:
-    """Copy a small array so its memory order follows ``order`` (outermost first)."""
-    inv = np.argsort(order)
-    return np.ascontiguousarray(np.transpose(a, order)).transpose(inv)
-
-
-def _elem_strides(a: np.ndarray, shape) -> tuple:
-    b = np.broadcast_to(a, shape)
-    return tuple(s // 8 for s in b.strides)
-
-
 def activation_ref(v: np.ndarray, act: int) -> np.ndarray:
     """The fused activations in float64 NumPy (numpy backend and tests)."""
     if act == 1:
@@ -198,17 +188,18 @@ def apply(x: np.ndarray, y: np.ndarray, mh, ml, rs, w, b, act: int, *, backend: 
         a = np.asarray(a, dtype=np.float64)
         return a.reshape((1,) * (x.ndim - a.ndim) + a.shape)
 
-    stats = [_follow(full_rank(a), order) for a in (mh, ml, rs)]
-    params = [_follow(full_rank(a), order) for a in (w, b)]
-    ss = _elem_strides(stats[0], x.shape)
-    if any(_elem_strides(a, x.shape) != ss for a in stats[1:]):
+    stats = [follow_order(full_rank(a), order) for a in (mh, ml, rs)]
+    params = [follow_order(full_rank(a), order) for a in (w, b)]
+    ss = element_strides(stats[0])
+    if any(element_strides(a) != ss for a in stats[1:]):
         sshape = np.broadcast_shapes(*(a.shape for a in stats))
         stats = [np.ascontiguousarray(np.broadcast_to(a, sshape)) for a in stats]
-        stats = [_follow(a, order) for a in stats]
-        ss = _elem_strides(stats[0], x.shape)
+        stats = [follow_order(a, order) for a in stats]
+        ss = element_strides(stats[0])
     pshape = np.broadcast_shapes(params[0].shape, params[1].shape)
-    params = [_follow(np.ascontiguousarray(np.broadcast_to(a, pshape)), order) for a in params]
-    ps = _elem_strides(params[0], x.shape)
+    params = [follow_order(np.ascontiguousarray(np.broadcast_to(a, pshape)), order)
+              for a in params]
+    ps = element_strides(params[0])
     plan = plan_elementwise(x.shape, [x.strides, y.strides, ss, ps], order)
     flat_s = [a.reshape(-1) if a.flags.c_contiguous else a.ravel(order="K") for a in stats]
     flat_p = [a.reshape(-1) if a.flags.c_contiguous else a.ravel(order="K") for a in params]

@@ -72,8 +72,10 @@ def norm_rows_contig(
     mode: int,                           # int: 0 layer/group norm, 1 RMS norm
     weight: object, bias: object,        # None or float16/32/64 (L,) / (C,) arrays
     groups: int,                         # Py_ssize_t: 0 last axis; > 0 groups of axis 1 (N, C, ...)
+    want_stats: bool,                    # bint: also return the float64 (R,) row mean and variance
     nthreads: int,                       # int: the resolved thread count
-) -> np.ndarray | None: ...              # the output, or None: not eligible (use the general path)
+) -> np.ndarray | tuple[np.ndarray, npt.NDArray[np.float64], npt.NDArray[np.float64]] | None: ...
+# the output (with want_stats: (y, mean, var)), or None: not eligible (use the general path)
 def batch_norm_contig(
     x: object,                           # any object; only C-contiguous float arrays are taken
     out: object,                         # None or an ndarray like x (may be x)

@@ -73,7 +73,7 @@ cdef object output_like(cnp.ndarray xa, object out):
 
 
 def norm_rows_contig(object x, object out, double eps, int mode, object weight, object bias,
-                     Py_ssize_t groups, int nthreads):
+                     Py_ssize_t groups, bint want_stats, int nthreads):
     """Layer / RMS / group / instance norm of a C-contiguous array as rows, with
     nothing but C between the call and the fused rows kernel.
 
@@ -88,7 +88,9 @@ def norm_rows_contig(object x, object out, double eps, int mode, object weight, 
     indexing are those the general path gives the same kernel, so the result
     is bitwise the same.  ``nthreads``: the thread count the caller resolved
     (results do not depend on it).  Returns the output, or None when the call
-    is not eligible: the caller then runs the general path.
+    is not eligible: the caller then runs the general path.  With
+    ``want_stats``: ``(y, mean, var)``, the float64 mean and biased variance of
+    each row (shape ``(R,)``) as the general path's ``_fused_rows`` returns them.
     """
     cdef int typenum = float_input(x, 2 if groups else 1, -1)
     if typenum < 0 or groups < 0:
@@ -133,11 +135,20 @@ def norm_rows_contig(object x, object out, double eps, int mode, object weight, 
     cdef double small_v[64]
     cdef double* mean = small_m
     cdef double* var = small_v
-    if R > 64:
+    cdef cnp.ndarray mean_a, var_a
+    cdef cnp.npy_intp rdim = R
+    cdef bint owned = False
+    if want_stats:
+        mean_a = cnp.PyArray_EMPTY(1, &rdim, cnp.NPY_FLOAT64, 0)
+        var_a = cnp.PyArray_EMPTY(1, &rdim, cnp.NPY_FLOAT64, 0)
+        mean = <double*>cnp.PyArray_DATA(mean_a)
+        var = <double*>cnp.PyArray_DATA(var_a)
+    elif R > 64:
         mean = <double*>malloc(2 * R * sizeof(double))
         if mean == NULL:
             raise MemoryError()
         var = mean + R
+        owned = True
     yp = <char*>cnp.PyArray_DATA(ya)
     with nogil:
         if typenum == cnp.NPY_FLOAT64:
@@ -149,8 +160,10 @@ def norm_rows_contig(object x, object out, double eps, int mode, object weight, 
         else:
             norm_rows_t(<const uint16_t*>xp, <uint16_t*>yp, R, L, L * 2, L * 2, eps, mode, &w[0],
                         &b[0], psub, pmod, pmul, ACT_NONE, mean, var, nthreads)
-    if R > 64:
+    if owned:
         free(mean)
+    if want_stats:
+        return ya, mean_a, var_a
     return ya
 
 

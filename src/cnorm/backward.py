@@ -30,11 +30,15 @@ writes ``dx`` into a given array (it may be ``dy`` itself).
 """
 from __future__ import annotations
 
+import functools
+import math
+
 import numpy as np
 
 from . import _config
-from ._axes import layout_order, normalize_axes, plan_elementwise
-from ._engine import ACTIVATIONS
+from ._axes import (element_strides, follow_order, layout_order, normalize_axes,
+                    outer_offsets, plan_elementwise)
+from ._engine import ACTIVATIONS, _base_offset
 from ._validate import BFLOAT16, NATIVE, as_float_array, check_num_groups, check_out
 
 __all__ = ["layer_norm_backward", "rms_norm_backward", "batch_norm_backward",
@@ -266,7 +270,7 @@ def _layout_params(w_full, b_full, xv):
     w_full = np.ones(shape) if w_full is None else np.broadcast_to(w_full, shape)
     b_full = np.zeros(shape) if b_full is None else np.broadcast_to(b_full, shape)
     order = layout_order(xv.shape, xv.strides)
-    wf, bf = _follow(w_full, order), _follow(b_full, order)
+    wf, bf = follow_order(w_full, order), follow_order(b_full, order)
     flat_w, flat_b = wf.ravel(order="K"), bf.ravel(order="K")
     strides = tuple(s // 8 for s in np.broadcast_to(wf, xv.shape).strides)
     return flat_w, flat_b, strides, _base_offset(wf, flat_w), wf
@@ -292,6 +296,8 @@ def _rows_backward(xv, dyv, dxv, row_axes, mean_full, rstd_full, w_full, b_full,
     ``min_segment`` do not fit either (GroupNorm channels last: segments of
     one group's channels; the per-cell path reads whole rows instead).
     """
+    if min_segment > 1 and not fallback_copy and _short_segments(xv, row_axes, min_segment):
+        return False   # decided before the buffers below are made (small calls: ~30 us)
     ndim = xv.ndim
     mflat = np.ascontiguousarray(mean_full, dtype=np.float64)
     rflat = np.ascontiguousarray(np.broadcast_to(rstd_full, mflat.shape), dtype=np.float64)
@@ -322,8 +328,7 @@ def _rows_backward(xv, dyv, dxv, row_axes, mean_full, rstd_full, w_full, b_full,
     st = [(batch[0][1][k], batch[1][1][k], rows[0][1][k], rows[1][1][k]) for k in range(5)]
     mod = _kernels(backend)
     total = np.zeros(_param_acc(R, K, P).shape[1:]) if want else None
-    for idx in np.ndindex(*[d[0] for d in outer]):
-        offs = [sum(i * d[1][k] for i, d in zip(idx, outer)) for k in range(5)]
+    for offs in outer_offsets([(d[0], *d[1]) for d in outer], 5):
         pacc = _param_acc(R, K, P) if want else None
         mod.rows_backward(xv, offs[0], dyv, offs[1], dxv, offs[2], shape4, st[0], st[1], st[2],
                           mflat.reshape(-1), rflat.reshape(-1), offs[3], st[3][:2], wv, bv,
@@ -336,20 +341,32 @@ def _rows_backward(xv, dyv, dxv, row_axes, mean_full, rstd_full, w_full, b_full,
     return view(total[0, :P]).copy(), view(total[1, :P]).copy()
 
 
+def _short_segments(xv, row_axes, min_segment):
+    """Whether x's own layout splits a slice into several segments, or into two with the
+    inner one shorter than ``min_segment``: the joint plan of all operands only splits
+    further, so ``_rows_backward`` would not fit it."""
+    xs = xv.strides
+    dims = _merge([[xv.shape[a], [xs[a]]] for a in sorted(row_axes, key=lambda a: -abs(xs[a]))
+                   if xv.shape[a] != 1])
+    return len(dims) > 2 or (len(dims) == 2 and dims[1][0] < min_segment)
+
+
 def _rows_fit(xv, row_axes):
     """Slices that are rows in memory (innermost x axis is in the slice, contiguous) and
     small enough to stay in cache, or many: the fused row kernel is the faster path."""
     inner = min(range(xv.ndim), key=lambda a: (xv.shape[a] == 1, abs(xv.strides[a])))
     if inner not in row_axes or abs(xv.strides[inner]) != xv.itemsize:
         return False
-    K = int(np.prod([xv.shape[a] for a in row_axes], dtype=np.int64))
+    K = math.prod(xv.shape[a] for a in row_axes)
     R = xv.size // max(K, 1)
     return 2 * K * xv.itemsize <= _ROW_CACHE_BYTES or R >= 64
 
 
 # ------------------------------------------------------------------ cells: BatchNorm, GroupNorm, InstanceNorm
+@functools.lru_cache(maxsize=512)
 def _plan_cells(shape, xs, ds, kept, cstr):
-    """A joint (O, R1, K, R0) view of x and dy (cells = kept positions) plus outer loops.
+    """A joint (O, R1, K, R0) view of x and dy (cells = kept positions) plus outer loops
+    (cached: arguments are tuples, the result is immutable).
 
     Returns (xoff, dyoff, shape4, xstrides4, dystrides4, so, sk, outer) with
     outer = [(size, xstride, dystride, cell stride)], or None when empty.
@@ -388,7 +405,7 @@ def _plan_cells(shape, xs, ds, kept, cstr):
         if merged[i][4] == name.startswith("R"):
             slots[name] = tuple(merged[i][:4])
             i -= 1
-    outer = [tuple(d[:4]) for d in merged[: i + 1]]
+    outer = tuple(tuple(d[:4]) for d in merged[: i + 1])
     o, r1, k, r0 = (slots[n] for n in ("O", "R1", "K", "R0"))
     if r0[0] == 1 and k[0] == 1:  # a single cell per o: reduce R1 as the inner axis
         r1, r0 = (1, 0, 0, 0), r1
@@ -396,67 +413,53 @@ def _plan_cells(shape, xs, ds, kept, cstr):
             (o[2], r1[2], k[2], r0[2]), o[3], k[3], outer)
 
 
-def _cell_sums(xv, dyv, kept, cells, act, want_dy, backend, nt):
-    """Per-cell float64 (Σ((x - mh) - ml), Σ gv, Σ gv*xhat), shape kept_shape + (3,)."""
+def _cell_sums(xv, dyv, kept, cells, act, want_dy, mod, nt):
+    """Per-cell float64 (Σ((x - mh) - ml), Σ gv, Σ gv*xhat), shape kept_shape + (3,), by the
+    kernel module ``mod``."""
     cshape = tuple(xv.shape[a] for a in kept)
-    ncells = int(np.prod(cshape, dtype=np.int64))
+    ncells = math.prod(cshape)
     cstr = [0] * xv.ndim
     acc = 1
     for a in reversed(kept):
         cstr[a] = acc
         acc *= xv.shape[a]
-    plan = _plan_cells(xv.shape, xv.strides, dyv.strides, kept, cstr)
+    plan = _plan_cells(xv.shape, xv.strides, dyv.strides, tuple(kept), tuple(cstr))
     if plan is None:
         return np.zeros(cshape + (3,))
     xoff, dyoff, sh, xs, ds, so, sk, outer = plan
     per = sh[1] * (sh[3] if sh[3] > 1 else sh[2])
     nchunks = max(1, min(sh[1], -(-per // _TASK_ELEMS), max(1, (1 << 22) // max(ncells, 1))))
     out = np.zeros((nchunks, ncells, 3))
-    mod = _kernels(backend)
     mh, ml, rs, w, b = (np.ascontiguousarray(c, dtype=np.float64).reshape(-1) for c in cells)
-    for idx in np.ndindex(*[d[0] for d in outer]):
-        xo = xoff + sum(i * d[1] for i, d in zip(idx, outer))
-        do = dyoff + sum(i * d[2] for i, d in zip(idx, outer))
-        co = sum(i * d[3] for i, d in zip(idx, outer))
-        mod.cells_reduce(xv, xo, dyv, do, sh, xs, ds, so, sk, co, mh, ml, rs, w, b, out, act,
-                         want_dy, nt)
+    for xo, do, co in outer_offsets(outer, 3):
+        mod.cells_reduce(xv, xoff + xo, dyv, dyoff + do, sh, xs, ds, so, sk, co, mh, ml, rs, w,
+                         b, out, act, want_dy, nt)
     return out.sum(axis=0).reshape(cshape + (3,))
 
 
-def _follow(a, order):
-    inv = np.argsort(order)
-    return np.ascontiguousarray(np.transpose(a, order)).transpose(inv)
-
-
-def _base_offset(view, flat):
-    return (view.__array_interface__["data"][0] - flat.__array_interface__["data"][0]) // 8
-
-
-def _dx_pass(xv, dyv, dxv, stats, params, act, backend, nt):
+def _dx_pass(xv, dyv, dxv, stats, params, act, mod, nt):
     """dx = ((w*gv - a) - xhat*bb) * rstd; stats = (mh, ml, rstd, a, bb), params = (w, b),
     each a float64 array of xv.ndim dims broadcastable to xv.shape (one shape per group)."""
     if xv.size == 0:
         return
     order = layout_order(dxv.shape, dxv.strides)
-    stats = [_follow(np.asarray(s, dtype=np.float64), order) for s in stats]
-    params = [_follow(np.asarray(p, dtype=np.float64), order) for p in params]
-    ss = tuple(s // 8 for s in np.broadcast_to(stats[0], xv.shape).strides)
-    ps = tuple(s // 8 for s in np.broadcast_to(params[0], xv.shape).strides)
+    stats = [follow_order(s, order) for s in stats]
+    params = [follow_order(p, order) for p in params]
+    ss, ps = element_strides(stats[0]), element_strides(params[0])
     plan = plan_elementwise(xv.shape, [xv.strides, dyv.strides, dxv.strides, ss, ps], order)
+    # _follow's arrays are dense with non-negative strides: their ravel(order="K") is a
+    # view that starts at element 0 (offset 0 into the flat buffers)
     fs = [s.ravel(order="K") for s in stats]
     fp = [p.ravel(order="K") for p in params]
-    s0 = _base_offset(stats[0], fs[0])
-    p0 = _base_offset(params[0], fp[0])
-    mod = _kernels(backend)
     for offs in plan.outer_offsets():
         mod.dx_4d(xv, offs[0], dyv, offs[1], dxv, offs[2], fs[0], fs[1], fs[2], fs[3], fs[4],
-                  s0 + offs[3], fp[0], fp[1], p0 + offs[4], plan.shape, plan.strides[0],
+                  offs[3], fp[0], fp[1], offs[4], plan.shape, plan.strides[0],
                   plan.strides[1], plan.strides[2], plan.strides[3], plan.strides[4], act, nt)
 
 
 def _cells_backward(xv, dyv, dxv, kept, mh, rs, w, b, act, slice_axes, param_axes, training,
-                    refine, backend, nt):
-    """BN/GN/IN gradients on a view whose cells are the ``kept`` positions.
+                    refine, mod, nt):
+    """BN/GN/IN gradients on a view whose cells are the ``kept`` positions (kernel module ``mod``).
 
     ``mh``, ``rs``, ``w``, ``b`` are float64 cell arrays (kept shape; w/b may be
     None); statistics slices are unions of cells along ``slice_axes`` of the
@@ -464,20 +467,20 @@ def _cells_backward(xv, dyv, dxv, kept, mh, rs, w, b, act, slice_axes, param_axe
     returns the per-parameter (Σ gv*xhat, Σ gv) cell sums.
     """
     cshape = mh.shape
-    n = xv.size // max(1, int(np.prod(cshape, dtype=np.int64))) * int(
-        np.prod([cshape[a] for a in slice_axes], dtype=np.int64))
+    n = xv.size // max(1, math.prod(cshape)) * math.prod(cshape[a] for a in slice_axes)
     wc = np.ones(cshape) if w is None else w
     bc = np.zeros(cshape) if b is None else b
     ml = np.zeros(cshape)
 
     def slice_mean(c):
-        return np.broadcast_to(c.sum(axis=slice_axes, keepdims=True) / n, cshape)
+        m = c.sum(axis=slice_axes, keepdims=True) / n
+        return m if m.shape == cshape else np.broadcast_to(m, cshape)
 
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         if refine and act in _SMOOTH:  # the activation input needs the exact mean first
             ml = ml + slice_mean(_cell_sums(xv, dyv, kept, (mh, ml, rs, wc, bc), act, False,
-                                            backend, nt)[..., 0])
-        sums = _cell_sums(xv, dyv, kept, (mh, ml, rs, wc, bc), act, True, backend, nt)
+                                            mod, nt)[..., 0])
+        sums = _cell_sums(xv, dyv, kept, (mh, ml, rs, wc, bc), act, True, mod, nt)
         s1, s2 = sums[..., 1], sums[..., 2]
         if refine:  # Σ gv*(xhat - δ*rstd) = Σ gv*xhat - δ*rstd*Σ gv
             delta = slice_mean(sums[..., 0])
@@ -490,7 +493,7 @@ def _cells_backward(xv, dyv, dxv, kept, mh, rs, w, b, act, slice_axes, param_axe
             a = bb = np.zeros(cshape)
     full = (lambda c: _expand(np.ascontiguousarray(c), kept, xv.ndim))
     _dx_pass(xv, dyv, dxv, [full(c) for c in (mh, ml, rs, a, bb)], [full(wc), full(bc)], act,
-             backend, nt)
+             mod, nt)
     return s2.sum(axis=param_axes), s1.sum(axis=param_axes)
 
 
@@ -642,6 +645,18 @@ def _small_rows_backward(dy, x, mean, rstd, weight, bias, axis, activation, out,
                          bv, want, mode, x.dtype == _F64 and mode != MODE_RMS, weight, bias)
 
 
+def _small_batch_cells(mod, x, dy, mean, rstd, weight, bias, training):
+    """A small batch norm backward the rows kernel declines ((N, C) input, or segments
+    of H*W shorter than 64): the general path's per-cell pass called directly."""
+    C = x.shape[1]
+    param = (lambda p: None if p is None else np.ascontiguousarray(p, dtype=_F64))
+    dx = np.empty_like(x)
+    pw, pb = _cells_backward(x, dy, dx, (1,), mean.reshape(C), rstd.reshape(C), param(weight),
+                             param(bias), ACTIVATIONS[None], (), (), training,
+                             training and x.dtype == _F64, mod, 1)
+    return dx, _small_grad(pw, weight), _small_grad(pb, bias)
+
+
 def _small_channel_backward(kind, dy, x, mean, rstd, weight, bias, groups, training, axis,
                             activation, out, backend, num_threads):
     """The common small call of batch / instance / group norm backward (``kind``
@@ -650,13 +665,14 @@ def _small_channel_backward(kind, dy, x, mean, rstd, weight, bias, groups, train
     the rows kernel with the plan the general path makes; None when it does not
     apply (the general path then runs, or takes the per-cell kernels for this
     layout).  Bitwise the general path's results (tested)."""
-    mod = _small_arrays(dy, x, axis, activation, out, backend, num_threads, 3)
+    mod = _small_arrays(dy, x, axis, activation, out, backend, num_threads,
+                        2 if kind == "batch" else 3)
     if mod is None or axis != 1 or type(training) is not bool:
         return None
     N, C = x.shape[0], x.shape[1]
     HW = x.size // (N * C)
     G = groups if kind == "group" else C
-    if (HW == 1 or not _small_param(weight, C) or not _small_param(bias, C)
+    if ((HW == 1 and kind != "batch") or not _small_param(weight, C) or not _small_param(bias, C)
             or type(G) is not int or G <= 0 or C % G):
         return None
     spatial = (1,) * (x.ndim - 2)
@@ -667,10 +683,13 @@ def _small_channel_backward(kind, dy, x, mean, rstd, weight, bias, groups, train
     wv, bv, want = _small_params(weight, bias, C)
     pe = 1 if want else 0
     if kind == "batch":   # slice = channel (N segments of HW), parameter per channel
-        return _small_kernel(mod, x, dy, [[N, [C * HW] * 3 + [0, 0]], [HW, [1, 1, 1, 0, 0]]],
-                             [[C, [HW] * 3 + [1, pe]]], mean, rstd, wv, bv, want,
-                             MODE_CENTER if training else MODE_EVAL,
-                             training and x.dtype == _F64, weight, bias, min_segment=64)
+        rows = None if HW == 1 else _small_kernel(
+            mod, x, dy, [[N, [C * HW] * 3 + [0, 0]], [HW, [1, 1, 1, 0, 0]]],
+            [[C, [HW] * 3 + [1, pe]]], mean, rstd, wv, bv, want,
+            MODE_CENTER if training else MODE_EVAL, training and x.dtype == _F64, weight, bias,
+            min_segment=64)
+        return rows if rows is not None else _small_batch_cells(mod, x, dy, mean, rstd, weight,
+                                                                bias, training)
     Cg = C // G           # slice = (sample, group): Cg segments of HW, parameter per segment
     return _small_kernel(mod, x, dy, [[Cg, [HW] * 3 + [0, pe]], [HW, [1, 1, 1, 0, 0]]],
                          [[N, [C * HW] * 3 + [G, 0]], [G, [Cg * HW] * 3 + [1, Cg * pe]]],
@@ -811,7 +830,8 @@ def _channel_layer(xv, dyv, dxv, kept, mh_cells, rs_cells, w_cells, b_cells, sli
 
     def cells():
         pw, pb = _cells_backward(xv, dyv, dxv, kept, mh_cells, rs_cells, w_cells, b_cells, act,
-                                 slice_axes, param_axes, mode == MODE_CENTER, refine, backend, nt)
+                                 slice_axes, param_axes, mode == MODE_CENTER, refine, _kernels(backend),
+                                 nt)
         return (_expand(np.expand_dims(pw, param_axes), kept, ndim),
                 _expand(np.expand_dims(pb, param_axes), kept, ndim))
 

@@ -259,14 +259,20 @@ def _small_call(x, axis, out, eps, mode, weight, bias, activation, return_stats,
     (axis planning, validation, allocation of the statistics); here every check is a
     cheap identity/type test and the kernel entry checks the arrays in C.
     """
-    if (activation is None and return_stats is False and type(axis) is int and axis == -1
+    if (activation is None and type(return_stats) is bool and type(axis) is int and axis == -1
             and _config.small_call_allowed(backend, num_threads)
             and ((eps is None and mode == 1) or (type(eps) is float and eps >= 0.0))):
         if eps is None:  # rms_norm's default: machine epsilon of the dtype
             if type(x) is not np.ndarray or x.dtype.kind != "f" or x.dtype.itemsize > 8:
                 return None
             eps = _RMS_EPS[x.dtype.itemsize]
-        return _rows_entry(x, out, eps, mode, weight, bias, 0, num_threads)
+        done = _rows_entry(x, out, eps, mode, weight, bias, 0, return_stats, num_threads)
+        if done is None or not return_stats:
+            return done
+        y, mean, var = done   # the general path's statistics of its _fused_rows call
+        keep = x.shape[:-1] + (1,)
+        rs = _rstd(var, eps).reshape(keep)
+        return (y, rs) if mode == 1 else (y, mean.reshape(keep), rs)
     return None
 
 
@@ -275,23 +281,33 @@ def _small_group_call(x, groups, axis, out, eps, weight, bias, activation, retur
     """The common group/instance norm call (NCHW, defaults, float or no affine;
     ``groups`` is ``_PER_CHANNEL`` for instance norm) straight to
     ``norm_rows_contig``; None when it does not apply (the general path then runs)."""
-    if not (activation is None and return_stats is False and type(axis) is int and axis == 1
+    if not (activation is None and type(return_stats) is bool and type(axis) is int and axis == 1
             and type(eps) is float and eps >= 0.0 and type(x) is np.ndarray and x.ndim >= 2
             and _config.small_call_allowed(backend, num_threads)):
         return None
-    if groups is _PER_CHANNEL:
+    per_channel = groups is _PER_CHANNEL
+    if per_channel:
         groups = x.shape[1]
     elif type(groups) is not int or groups <= 0:
         return None
-    return _rows_entry(x, out, eps, 0, weight, bias, groups, num_threads) if groups else None
+    done = _rows_entry(x, out, eps, 0, weight, bias, groups, return_stats, num_threads)
+    if done is None or not return_stats:
+        return done
+    y, mean, var = done   # per (sample, group) row, as the general path's _fused_rows
+    mean = _mean(mean, np.zeros(mean.shape))   # what the general path returns from them
+    rs = _rstd(var, eps)
+    if per_channel:   # instance norm: (N, C, 1, ...)
+        kshape = x.shape[:2] + (1,) * (x.ndim - 2)
+        return y, mean.reshape(kshape), rs.reshape(kshape)
+    return y, mean.reshape(x.shape[0], groups), rs.reshape(x.shape[0], groups)
 
 
 _PER_CHANNEL = object()
 
 
-def _rows_entry(x, out, eps, mode, weight, bias, groups, num_threads):
+def _rows_entry(x, out, eps, mode, weight, bias, groups, want_stats, num_threads):
     return _config.run_entry(_config.kernels.norm_rows_contig, x, num_threads, out, eps, mode,
-                             weight, bias, groups)
+                             weight, bias, groups, want_stats)
 
 
 def _plain_momentum(momentum):
@@ -477,7 +493,7 @@ def _small_batch_norm(x, weight, bias, axis, running_mean, running_var, training
     general path then runs).  Bitwise the general path's output and running
     statistics: the entry makes the same kernel calls and the running update
     below is the general path's code."""
-    if not (training is True and activation is None and return_stats is False
+    if not (training is True and activation is None and type(return_stats) is bool
             and type(x) is np.ndarray and x.ndim >= 2 and type(axis) is int
             and type(eps) is float and eps >= 0.0 and _plain_momentum(momentum)
             and _config.small_call_allowed(backend, num_threads)):
@@ -501,6 +517,10 @@ def _small_batch_norm(x, weight, bias, axis, running_mean, running_var, training
         n = x.size // C
         _update_running(running_mean, running_var, _mean(stats[0], stats[1]),
                         stats[2] * (n / (n - 1)), momentum)
+    if return_stats:   # the general path's keepdims statistics from the same numbers
+        c_ax = x.ndim - 1 if channels_last else 1
+        keep = tuple(C if i == c_ax else 1 for i in range(x.ndim))
+        return y, _mean(stats[0], stats[1]).reshape(keep), _rstd(stats[2], eps).reshape(keep)
     return y
 
 
