@@ -198,3 +198,21 @@ def test_import_on_cpu_without_avx512():
         capture_output=True, text=True, timeout=600)   # a hang guard (valgrind is slow)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "1.25"
+
+
+@pytest.mark.parametrize("env,expect", [
+    ({}, ("PASSIVE", "3000")),                                   # cnorm's defaults
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, ("ACTIVE", None)),           # the user's policy, spins untouched
+    ({"GOMP_SPINCOUNT": "7"}, ("PASSIVE", "7")),                 # the user's spin count kept
+    ({"OMP_WAIT_POLICY": "passive", "GOMP_SPINCOUNT": "0"}, ("passive", "0"))])
+def test_openmp_wait_defaults_leave_the_users_settings(env, expect):
+    """``import cnorm`` sets OMP_WAIT_POLICY=PASSIVE with a short GOMP_SPINCOUNT only
+    where the user set neither (they are read when the OpenMP runtime loads, so a
+    fresh interpreter checks them)."""
+    import os
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    code = ("import os, cnorm; print(os.environ.get('OMP_WAIT_POLICY'), "
+            "os.environ.get('GOMP_SPINCOUNT'))")
+    out = subprocess.run([sys.executable, "-c", code], env=base | env, capture_output=True,
+                         text=True, timeout=600, check=True).stdout.split()
+    assert tuple(None if v == "None" else v for v in out) == expect
