@@ -362,7 +362,8 @@ def test_explicit_thread_counts_take_the_small_path(rng, monkeypatch):
 
 
 # ------------------------------------------------------------------ backward
-@pytest.mark.parametrize("shape", [(1,), (4, 16), (32, 64), (3, 5, 33), (100, 1000)], ids=str)
+@pytest.mark.parametrize("shape", [(1,), (4, 16), (32, 64), (3, 5, 33), (100, 1000),
+                                   (140, 1000)], ids=str)   # the last: threads (> 131072)
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64], ids=lambda d: d.__name__)
 @pytest.mark.parametrize("name,params", [("layer_norm", "none"), ("layer_norm", "weight"),
                                          ("layer_norm", "bias"), ("layer_norm", "both"),
@@ -408,6 +409,9 @@ CHANNEL_BACKWARD_CASES = [
     ("batch", (8, 16), None, True), ("batch", (4, 6, 1, 1), None, True),
     ("batch", (2, 5), None, True), ("batch", (7, 1), None, True),
     ("batch", (32, 64, 4, 4), None, True), ("instance", (4, 6, 1, 1), None, False),
+    ("batch", (4, 64, 24, 24), None, True), ("batch", (300, 700), None, True),   # threads
+    ("batch", (64, 40, 8, 8), None, True), ("instance", (4, 64, 24, 24), None, True),
+    ("group", (4, 64, 24, 24), 8, True),
     ("instance", (4, 6, 5, 7), None, True), ("instance", (2, 3, 100), None, True),
     ("instance", (3, 64, 4, 4), None, True),
     ("group", (4, 6, 8, 8), 3, True), ("group", (4, 6, 8, 8), 6, True),

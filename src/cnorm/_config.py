@@ -155,7 +155,8 @@ def run_entry(entry, x, num_threads, *args):
     thread count of a call slot when x is large enough for threads (as the
     general path takes it), else 1 without the slot's bookkeeping (the kernels
     run serially below ``SERIAL_WORK_ELEMENTS`` anyway)."""
-    if type(x) is np.ndarray and x.size >= kernels.SERIAL_WORK_ELEMENTS:
+    serial = kernels.SERIAL_WORK_ELEMENTS if kernels is not None else 131072  # Numba only
+    if type(x) is np.ndarray and x.size >= serial:
         with call_slot(num_threads) as nthreads:
             return entry(x, *args, nthreads)
     return entry(x, *args, 1)

@@ -534,7 +534,6 @@ def _affine(w, b, positions, ndim):
 
 
 # ------------------------------------------------------------------ small-call fast path
-_SMALL = 131072   # as the forward's small-call entry: below this many elements
 _NATIVE_F = (np.dtype(np.float16), np.dtype(np.float32), _F64)
 
 
@@ -550,8 +549,9 @@ def _small_param(p, L):
 
 
 def _small_grad(g, p):
-    """A parameter gradient in the parameter's dtype (as _grad), None without it."""
-    return None if p is None else (g if p.dtype == _F64 else g.astype(p.dtype))
+    """A parameter gradient (a new array) in the parameter's dtype (as _grad), None
+    without it."""
+    return None if p is None else (g.copy() if p.dtype == _F64 else g.astype(p.dtype))
 
 
 def _small_kernels(backend, num_threads):
@@ -568,47 +568,64 @@ def _small_kernels(backend, num_threads):
 
 def _small_arrays(dy, x, axis, activation, out, backend, num_threads, min_ndim):
     """The kernel module (``_small_kernels``) when a backward call may take a small
-    path, else None: C-contiguous, aligned x and dy of one float dtype and shape
-    with fewer than ``_SMALL`` elements, an int axis, no activation, no ``out``."""
+    path, else None: C-contiguous, aligned, non-empty x and dy of one float dtype and
+    shape, an int axis, no activation, no ``out``.  Any size: "small" is the Python
+    these paths skip (planning, validation), not the array; large arrays run with
+    the thread count the general path would take (``_config.run_entry``)."""
     if not (activation is None and out is None and type(axis) is int
             and type(x) is np.ndarray and type(dy) is np.ndarray and x.dtype in _NATIVE_F
             and dy.dtype == x.dtype and x.shape == dy.shape and x.ndim >= min_ndim
-            and 0 < x.size < _SMALL and x.flags.c_contiguous and dy.flags.c_contiguous
+            and 0 < x.size and x.flags.c_contiguous and dy.flags.c_contiguous
             and x.flags.aligned and dy.flags.aligned):
         return None
     return _small_kernels(backend, num_threads)
 
 
 def _small_kernel(mod, x, dy, row_dims, batch_dims, mean, rstd, wv, bv, want, mode, refine,
-                  weight, bias, min_segment=1):
+                  weight, bias, num_threads, min_segment=1):
     """The rows kernel of ``mod`` on x/dy with the rows and batch dims of the general path
     (``[size, [x, dy, dx, stat, param element strides]]``, outermost first; size-1
     dims are dropped, the rest merged and padded as ``_plan_rows`` does); returns
     ``(dx, dweight, dbias)``, or None when the general path would not take the rows
     kernel for this layout (``_rows_fit`` and ``min_segment`` of ``_rows_backward``)."""
-    live = (lambda dims: [d for d in dims if d[0] != 1])
+    plan = _small_rows_plan(_dims_key(row_dims), _dims_key(batch_dims), x.size, x.itemsize,
+                            min_segment)
+    if plan is None:
+        return None
+    shape4, st, R, K = plan
+    pacc = _param_acc(R, K, wv.size) if want else None
+    dx = np.empty_like(x)
+    _config.run_entry(mod.rows_backward, x, num_threads, 0, dy, 0, dx, 0, shape4, st[0], st[1], st[2], mean.reshape(-1), rstd.reshape(-1), 0,
+                      st[3][:2], wv, bv, 0, st[4], pacc, mode, refine, 0)
+    if not want:
+        return dx, None, None
+    total = pacc.sum(axis=0)
+    total += 0.0   # the general path's zeros + sum, the same bits (a -0.0 sum becomes +0.0)
+    P = wv.size
+    return dx, _small_grad(total[0, :P], weight), _small_grad(total[1, :P], bias)
+
+
+def _dims_key(dims):
+    """``[[size, [strides]], ...]`` as nested tuples (a cache key)."""
+    return tuple((n, tuple(st)) for n, st in dims)
+
+
+@functools.lru_cache(maxsize=512)
+def _small_rows_plan(row_dims, batch_dims, size, item, min_segment):
+    """``(shape4, strides per operand, R, K)`` of the rows kernel for ``_small_kernel``
+    (cached: a training loop repeats its shapes), or None where the general path
+    would not take the rows kernel."""
+    live = (lambda dims: [[n, list(st)] for n, st in dims if n != 1])
     _, rows = _pad(_merge(live(row_dims)), 2, 5)
     _, batch = _pad(_merge(live(batch_dims)), 2, 5)
     if rows[1][0] < min_segment and rows[0][0] > 1:
         return None
     K = rows[0][0] * rows[1][0]
-    R = x.size // K
-    if not (2 * K * x.itemsize <= _ROW_CACHE_BYTES or R >= 64):
+    R = size // K
+    if not (2 * K * item <= _ROW_CACHE_BYTES or R >= 64):
         return None
-    item = x.itemsize
-    st = [tuple(d[1][k] * (item if k < 3 else 1) for d in batch + rows) for k in range(5)]
-    pacc = _param_acc(R, K, wv.size) if want else None
-    dx = np.empty_like(x)
-    mod.rows_backward(
-        x, 0, dy, 0, dx, 0, (batch[0][0], batch[1][0], rows[0][0], rows[1][0]), st[0], st[1],
-        st[2], mean.reshape(-1), rstd.reshape(-1), 0, st[3][:2], wv, bv, 0, st[4], pacc, mode,
-        refine, 0, 1)
-    if not want:
-        return dx, None, None
-    total = np.zeros(pacc.shape[1:])
-    total += pacc.sum(axis=0)   # as the general path accumulates (a -0.0 sum becomes +0.0)
-    P = wv.size
-    return dx, _small_grad(total[0, :P].copy(), weight), _small_grad(total[1, :P].copy(), bias)
+    st = tuple(tuple(d[1][k] * (item if k < 3 else 1) for d in batch + rows) for k in range(5))
+    return (batch[0][0], batch[1][0], rows[0][0], rows[1][0]), st, R, K
 
 
 def _small_params(weight, bias, n):
@@ -642,18 +659,21 @@ def _small_rows_backward(dy, x, mean, rstd, weight, bias, axis, activation, out,
     pe = 1 if want else 0
     m = np.zeros(R) if mode == MODE_RMS else mean
     return _small_kernel(mod, x, dy, [[L, [1, 1, 1, 0, pe]]], [[R, [L, L, L, 1, 0]]], m, rstd, wv,
-                         bv, want, mode, x.dtype == _F64 and mode != MODE_RMS, weight, bias)
+                         bv, want, mode, x.dtype == _F64 and mode != MODE_RMS, weight, bias,
+                         num_threads)
 
 
-def _small_batch_cells(mod, x, dy, mean, rstd, weight, bias, training):
+def _small_batch_cells(mod, x, dy, mean, rstd, weight, bias, training, num_threads):
     """A small batch norm backward the rows kernel declines ((N, C) input, or segments
     of H*W shorter than 64): the general path's per-cell pass called directly."""
     C = x.shape[1]
     param = (lambda p: None if p is None else np.ascontiguousarray(p, dtype=_F64))
     dx = np.empty_like(x)
-    pw, pb = _cells_backward(x, dy, dx, (1,), mean.reshape(C), rstd.reshape(C), param(weight),
-                             param(bias), ACTIVATIONS[None], (), (), training,
-                             training and x.dtype == _F64, mod, 1)
+    mh, rs, w, b = mean.reshape(C), rstd.reshape(C), param(weight), param(bias)
+    pw, pb = _config.run_entry(
+        lambda xx, nt: _cells_backward(xx, dy, dx, (1,), mh, rs, w, b, ACTIVATIONS[None], (), (),
+                                       training, training and x.dtype == _F64, mod, nt),
+        x, num_threads)
     return dx, _small_grad(pw, weight), _small_grad(pb, bias)
 
 
@@ -687,14 +707,14 @@ def _small_channel_backward(kind, dy, x, mean, rstd, weight, bias, groups, train
             mod, x, dy, [[N, [C * HW] * 3 + [0, 0]], [HW, [1, 1, 1, 0, 0]]],
             [[C, [HW] * 3 + [1, pe]]], mean, rstd, wv, bv, want,
             MODE_CENTER if training else MODE_EVAL, training and x.dtype == _F64, weight, bias,
-            min_segment=64)
+            num_threads, min_segment=64)
         return rows if rows is not None else _small_batch_cells(mod, x, dy, mean, rstd, weight,
-                                                                bias, training)
+                                                                bias, training, num_threads)
     Cg = C // G           # slice = (sample, group): Cg segments of HW, parameter per segment
     return _small_kernel(mod, x, dy, [[Cg, [HW] * 3 + [0, pe]], [HW, [1, 1, 1, 0, 0]]],
                          [[N, [C * HW] * 3 + [G, 0]], [G, [Cg * HW] * 3 + [1, Cg * pe]]],
                          mean, rstd, wv, bv, want, MODE_CENTER, x.dtype == _F64, weight, bias,
-                         min_segment=64)
+                         num_threads, min_segment=64)
 
 
 # ------------------------------------------------------------------ public API
