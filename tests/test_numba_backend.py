@@ -701,12 +701,14 @@ def _bits(a):
 
 
 @need_cython
-@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64],
+                         ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("case", list(BACKWARD_SHAPES))
 def test_backward_contiguous_matches_cython_bitwise(dtype, case, rng):
-    """Contiguous float32/float64, no activation: the Numba loops read x and dy straight
-    from memory and sum in the Cython kernels' 16 lanes, so dx, dweight and dbias are
-    bitwise Cython's (offset data: the centred sums matter)."""
+    """Contiguous input, no activation: the Numba loops read x and dy straight from
+    memory and sum in the Cython kernels' 16 lanes, so dx, dweight and dbias are bitwise
+    Cython's (offset data: the centred sums matter); float16 included, decoded exactly
+    and rounded through float32 by both."""
     x = (rng.standard_normal(BACKWARD_SHAPES[case]) * 3 + 50).astype(dtype)
     dy = rng.standard_normal(x.shape).astype(dtype)
     call = _backward_call(case, x, dy, rng)

@@ -132,7 +132,7 @@ cdef extern from *:
             a2[i - nv] += g[i] * xh[i];
         }
     }
-    /* ---- the fast row path: no activation, contiguous float32/float64 rows ----
+    /* ---- the fast row path: no activation, contiguous rows (float16 in CNB_ROW's h) ----
        x and dy are read straight from memory (converted in registers), sums
        in 16 lanes (two vectors: no add-latency chain), dx stored directly. */
     typedef float cnb_v8f __attribute__((vector_size(32), aligned(4)));
@@ -235,6 +235,45 @@ cdef extern from *:
     }
     #endif
 
+    /* float16 (uint16_t bits) in the same loops: decoded exactly to float64, results
+       encoded through float32 with round-to-nearest-even, per element as the chunked
+       path's cn_half_to_double / cn_double_to_half (F16C where the build has it) */
+    static inline double cnb_s_f(float v) { return (double)v; }
+    static inline double cnb_s_d(double v) { return v; }
+    static inline double cnb_s_h(uint16_t v) { return cn_half_to_double(v); }
+    static inline float cnb_t_f(double v) { return (float)v; }
+    static inline double cnb_t_d(double v) { return v; }
+    static inline uint16_t cnb_t_h(double v) { return cn_double_to_half(v); }
+    static inline cnb_v8 cnb_ld_h(const uint16_t *p) {
+        double t[8]; cn_half8_to_double(p, t); return cnb_ld(t);
+    }
+    #if CNB_W == 8
+    static inline cnb_vw cnb_wld_h(const uint16_t *p) {
+        return (cnb_vw)_mm512_cvtps_pd(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)));
+    }
+    static inline void cnb_wst_h(uint16_t *p, cnb_vw v) {
+        _mm_storeu_si128((__m128i *)p,
+                         _mm256_cvtps_ph(_mm512_cvtpd_ps((__m512d)v), _MM_FROUND_TO_NEAREST_INT));
+    }
+    #elif CNB_W == 4 && defined(__F16C__)
+    static inline cnb_vw cnb_wld_h(const uint16_t *p) {
+        return (cnb_vw)_mm256_cvtps_pd(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)p)));
+    }
+    static inline void cnb_wst_h(uint16_t *p, cnb_vw v) {
+        _mm_storel_epi64((__m128i *)p,
+                         _mm_cvtps_ph(_mm256_cvtpd_ps((__m256d)v), _MM_FROUND_TO_NEAREST_INT));
+    }
+    #else
+    static inline cnb_vw cnb_wld_h(const uint16_t *p) {
+        cnb_vw v;
+        for (int j = 0; j < CNB_W; j++) v[j] = cn_half_to_double(p[j]);
+        return v;
+    }
+    static inline void cnb_wst_h(uint16_t *p, cnb_vw v) {
+        for (int j = 0; j < CNB_W; j++) p[j] = cn_double_to_half(v[j]);
+    }
+    #endif
+
     /* (x - m) - ml, skipping the exact "- 0.0" when the loop-invariant z says ml == 0
        (x - 0.0 == x for every x, so the result is the same bits; GCC unswitches the loop) */
     #define CNB_C(x, m, ml, z) ((z) ? ((x) - (m)) : (((x) - (m)) - (ml)))
@@ -250,7 +289,7 @@ cdef extern from *:
         for (i = 0; i < nv; i += 16)                                                        \
             _Pragma("GCC unroll 8") for (j = 0; j < 2 * CNB_N; j++) s[j] += cnb_wld_##S(x + i + j * CNB_W) - mv;    \
         _Pragma("GCC unroll 8") for (j = 0; j < 2 * CNB_N; j++) cnb_wst(a + j * CNB_W, s[j]);                       \
-        for (i = nv; i < n; i++) a[i - nv] += (double)x[i] - m;                             \
+        for (i = nv; i < n; i++) a[i - nv] += cnb_s_##S(x[i]) - m;                             \
     }                                                                                       \
     /* a[0:16] += w*dy, a[16:32] += w*dy*xh; with pvec pw += dy*xh, pb += dy */             \
     static inline void cnb_rowB_##S(const T *restrict x, const T *restrict dy, Py_ssize_t n, \
@@ -289,7 +328,7 @@ cdef extern from *:
             cnb_wst(a + j * CNB_W, s1[j]); cnb_wst(a + 16 + j * CNB_W, s2[j]);              \
         }                                                                                   \
         for (i = nv; i < n; i++) {                                                          \
-            double v = (((double)x[i] - m) - ml) * r, g = (double)dy[i];                    \
+            double v = ((cnb_s_##S(x[i]) - m) - ml) * r, g = cnb_s_##S(dy[i]);                    \
             double t = (pvec ? w[i] : w[0]) * g;                                            \
             a[i - nv] += t; a[16 + i - nv] += t * v;                                        \
             if (pvec) { pw[i] += g * v; pb[i] += g; }                                       \
@@ -311,8 +350,8 @@ cdef extern from *:
             cnb_wst_##S(dx + i, ((wg - av) - v * bbv) * rv);                                \
         }                                                                                   \
         for (i = nv; i < n; i++) {                                                          \
-            double v = (((double)x[i] - m) - ml) * r;                                       \
-            dx[i] = (T)((((pvec ? w[i] : w0) * (double)dy[i] - a) - v * bb) * r);          \
+            double v = ((cnb_s_##S(x[i]) - m) - ml) * r;                                       \
+            dx[i] = cnb_t_##S((((pvec ? w[i] : w0) * cnb_s_##S(dy[i]) - a) - v * bb) * r);          \
         }                                                                                   \
     }                                                                                       \
     /* per-cell sums: a[0:16] += (x - mh) - ml, a[16:32] += dy, a[32:48] += dy*xh */    \
@@ -344,10 +383,10 @@ cdef extern from *:
             cnb_wst(a + 32 + j * CNB_W, ps[j]);                                             \
         }                                                                                   \
         for (i = nv; i < n; i++) {                                                          \
-            double c = ((double)x[i] - mh) - ml;                                            \
+            double c = (cnb_s_##S(x[i]) - mh) - ml;                                            \
             a[i - nv] += c;                                                                 \
             if (want_dy) {                                                                  \
-                double g = (double)dy[i];                                                   \
+                double g = cnb_s_##S(dy[i]);                                                   \
                 a[16 + i - nv] += g;                                                        \
                 a[32 + i - nv] += g * (c * r);                                              \
             }                                                                               \
@@ -362,18 +401,18 @@ cdef extern from *:
         Py_ssize_t i;                                                                       \
         if (want_dy && ml == NULL) {  /* no low part of the mean: one subtraction less */  \
             for (i = 0; i < n; i++) {                                                       \
-                double c = (double)x[i] - mh[i], g = (double)dy[i];                         \
+                double c = cnb_s_##S(x[i]) - mh[i], g = cnb_s_##S(dy[i]);                         \
                 a0[i] += c; a1[i] += g; a2[i] += g * (c * r[i]);                            \
             }                                                                               \
         } else if (want_dy) {                                                               \
             for (i = 0; i < n; i++) {                                                       \
-                double c = ((double)x[i] - mh[i]) - ml[i], g = (double)dy[i];               \
+                double c = (cnb_s_##S(x[i]) - mh[i]) - ml[i], g = cnb_s_##S(dy[i]);               \
                 a0[i] += c; a1[i] += g; a2[i] += g * (c * r[i]);                            \
             }                                                                               \
         } else if (ml == NULL) {                                                            \
-            for (i = 0; i < n; i++) a0[i] += (double)x[i] - mh[i];                          \
+            for (i = 0; i < n; i++) a0[i] += cnb_s_##S(x[i]) - mh[i];                          \
         } else {                                                                            \
-            for (i = 0; i < n; i++) a0[i] += ((double)x[i] - mh[i]) - ml[i];                \
+            for (i = 0; i < n; i++) a0[i] += (cnb_s_##S(x[i]) - mh[i]) - ml[i];                \
         }                                                                                   \
     }                                                                                       \
     /* dx with per-element statistics and parameters (channels last) */                    \
@@ -385,14 +424,14 @@ cdef extern from *:
         Py_ssize_t i;                                                                       \
         if (ml == NULL) {  /* no low part of the mean */                                    \
             for (i = 0; i < n; i++) {                                                       \
-                double v = ((double)x[i] - mh[i]) * r[i];                                   \
-                dx[i] = (T)(((w[i] * (double)dy[i] - a[i]) - v * bb[i]) * r[i]);            \
+                double v = (cnb_s_##S(x[i]) - mh[i]) * r[i];                                   \
+                dx[i] = cnb_t_##S(((w[i] * cnb_s_##S(dy[i]) - a[i]) - v * bb[i]) * r[i]);            \
             }                                                                               \
             return;                                                                         \
         }                                                                                   \
         for (i = 0; i < n; i++) {                                                           \
-            double v = (((double)x[i] - mh[i]) - ml[i]) * r[i];                             \
-            dx[i] = (T)(((w[i] * (double)dy[i] - a[i]) - v * bb[i]) * r[i]);                \
+            double v = ((cnb_s_##S(x[i]) - mh[i]) - ml[i]) * r[i];                             \
+            dx[i] = cnb_t_##S(((w[i] * cnb_s_##S(dy[i]) - a[i]) - v * bb[i]) * r[i]);                \
         }                                                                                   \
     }                                                                                       \
     /* four rows at once, per-element parameters: the parameter sums are loaded and   \
@@ -436,7 +475,7 @@ cdef extern from *:
         }                                                                                 \
         for (i = nv; i < n; i++)                                                          \
             for (q = 0; q < 4; q++) {                                                     \
-                double v = (((double)xr[q][i] - m[q]) - ml[q]) * r[q], g = (double)yr[q][i]; \
+                double v = ((cnb_s_##S(xr[q][i]) - m[q]) - ml[q]) * r[q], g = cnb_s_##S(yr[q][i]); \
                 double t = w[i] * g;                                                      \
                 a[32 * q + i - nv] += t; a[32 * q + 16 + i - nv] += t * v;                \
                 pw[i] += g * v; pb[i] += g;                                               \
@@ -444,6 +483,7 @@ cdef extern from *:
     }
     CNB_ROW(float, f)
     CNB_ROW(double, d)
+    CNB_ROW(uint16_t, h)
 
     /* out = ((w*g - a) - xh*bb) * r with scalar a, bb, r */
     static inline void cnb_dx_scalar(double *restrict out, const double *restrict xh,
@@ -514,6 +554,26 @@ cdef extern from *:
                      const double* y0, const double* y1, const double* y2, const double* y3,
                      Py_ssize_t n, const double* m, const double* ml, const double* r,
                      const double* w, double* pw, double* pb, double* a) noexcept nogil
+    void cnb_rowA_h(const uint16_t* x, Py_ssize_t n, double m, double* a) noexcept nogil
+    void cnb_rowB_h(const uint16_t* x, const uint16_t* dy, Py_ssize_t n, double m, double ml,
+                    double r, const double* w, int pvec, double* pw, double* pb,
+                    double* a) noexcept nogil
+    void cnb_rowC_h(const uint16_t* x, const uint16_t* dy, uint16_t* dx, Py_ssize_t n, double m,
+                    double ml, double r, const double* w, int pvec, double a,
+                    double bb) noexcept nogil
+    void cnb_cell_h(const uint16_t* x, const uint16_t* dy, Py_ssize_t n, double mh, double ml,
+                    double r, int want_dy, double* a) noexcept nogil
+    void cnb_cols_h(const uint16_t* x, const uint16_t* dy, Py_ssize_t n, const double* mh,
+                    const double* ml, const double* r, int want_dy, double* a0, double* a1,
+                    double* a2) noexcept nogil
+    void cnb_dxvec_h(const uint16_t* x, const uint16_t* dy, uint16_t* dx, Py_ssize_t n,
+                     const double* mh, const double* ml, const double* r, const double* a,
+                     const double* bb, const double* w) noexcept nogil
+    void cnb_rowB4_h(const uint16_t* x0, const uint16_t* x1, const uint16_t* x2,
+                     const uint16_t* x3, const uint16_t* y0, const uint16_t* y1,
+                     const uint16_t* y2, const uint16_t* y3, Py_ssize_t n, const double* m,
+                     const double* ml, const double* r, const double* w, double* pw, double* pb,
+                     double* a) noexcept nogil
     void cnb_xhat_f32(double* xh, const float* x, Py_ssize_t n, double m, double ml,
                       double r) noexcept nogil
     void cnb_xhat_f64(double* xh, const double* x, Py_ssize_t n, double m, double ml,
@@ -914,11 +974,103 @@ cdef inline void row_coefficients(int mode, double s1, double s2, Py_ssize_t K, 
     bb[0] = s2 / K if mode != MODE_EVAL else 0.0
 
 
+# ---- the direct loops of CNB_ROW, one instantiation per input dtype (io_t picks it)
+cdef inline void d_rowA(const char* x, Py_ssize_t n, double m, double* a,
+                        const io_t* tag) noexcept nogil:
+    if io_t is float:
+        cnb_rowA_f(<const float*>x, n, m, a)
+    elif io_t is double:
+        cnb_rowA_d(<const double*>x, n, m, a)
+    else:
+        cnb_rowA_h(<const uint16_t*>x, n, m, a)
+
+
+cdef inline void d_rowB(const char* x, const char* dy, Py_ssize_t n, double m, double ml,
+                        double r, const double* w, int pvec, double* pw, double* pb, double* a,
+                        const io_t* tag) noexcept nogil:
+    if io_t is float:
+        cnb_rowB_f(<const float*>x, <const float*>dy, n, m, ml, r, w, pvec, pw, pb, a)
+    elif io_t is double:
+        cnb_rowB_d(<const double*>x, <const double*>dy, n, m, ml, r, w, pvec, pw, pb, a)
+    else:
+        cnb_rowB_h(<const uint16_t*>x, <const uint16_t*>dy, n, m, ml, r, w, pvec, pw, pb, a)
+
+
+cdef inline void d_rowC(const char* x, const char* dy, char* dx, Py_ssize_t n, double m,
+                        double ml, double r, const double* w, int pvec, double a, double bb,
+                        const io_t* tag) noexcept nogil:
+    if io_t is float:
+        cnb_rowC_f(<const float*>x, <const float*>dy, <float*>dx, n, m, ml, r, w, pvec, a, bb)
+    elif io_t is double:
+        cnb_rowC_d(<const double*>x, <const double*>dy, <double*>dx, n, m, ml, r, w, pvec, a, bb)
+    else:
+        cnb_rowC_h(<const uint16_t*>x, <const uint16_t*>dy, <uint16_t*>dx, n, m, ml, r, w, pvec,
+                   a, bb)
+
+
+cdef inline void d_rowB4(const char** x, const char** dy, Py_ssize_t xo, Py_ssize_t yo,
+                         Py_ssize_t n, const double* m, const double* ml, const double* r,
+                         const double* w, double* pw, double* pb, double* a,
+                         const io_t* tag) noexcept nogil:
+    """cnb_rowB4 of rows x[q] + xo, dy[q] + yo (q < 4)."""
+    if io_t is float:
+        cnb_rowB4_f(<const float*>(x[0] + xo), <const float*>(x[1] + xo),
+                    <const float*>(x[2] + xo), <const float*>(x[3] + xo),
+                    <const float*>(dy[0] + yo), <const float*>(dy[1] + yo),
+                    <const float*>(dy[2] + yo), <const float*>(dy[3] + yo),
+                    n, m, ml, r, w, pw, pb, a)
+    elif io_t is double:
+        cnb_rowB4_d(<const double*>(x[0] + xo), <const double*>(x[1] + xo),
+                    <const double*>(x[2] + xo), <const double*>(x[3] + xo),
+                    <const double*>(dy[0] + yo), <const double*>(dy[1] + yo),
+                    <const double*>(dy[2] + yo), <const double*>(dy[3] + yo),
+                    n, m, ml, r, w, pw, pb, a)
+    else:
+        cnb_rowB4_h(<const uint16_t*>(x[0] + xo), <const uint16_t*>(x[1] + xo),
+                    <const uint16_t*>(x[2] + xo), <const uint16_t*>(x[3] + xo),
+                    <const uint16_t*>(dy[0] + yo), <const uint16_t*>(dy[1] + yo),
+                    <const uint16_t*>(dy[2] + yo), <const uint16_t*>(dy[3] + yo),
+                    n, m, ml, r, w, pw, pb, a)
+
+
+cdef inline void d_cell(const char* x, const char* dy, Py_ssize_t n, double mh, double ml,
+                        double r, int want_dy, double* a, const io_t* tag) noexcept nogil:
+    if io_t is float:
+        cnb_cell_f(<const float*>x, <const float*>dy, n, mh, ml, r, want_dy, a)
+    elif io_t is double:
+        cnb_cell_d(<const double*>x, <const double*>dy, n, mh, ml, r, want_dy, a)
+    else:
+        cnb_cell_h(<const uint16_t*>x, <const uint16_t*>dy, n, mh, ml, r, want_dy, a)
+
+
+cdef inline void d_cols(const char* x, const char* dy, Py_ssize_t n, const double* mh,
+                        const double* ml, const double* r, int want_dy, double* a0, double* a1,
+                        double* a2, const io_t* tag) noexcept nogil:
+    if io_t is float:
+        cnb_cols_f(<const float*>x, <const float*>dy, n, mh, ml, r, want_dy, a0, a1, a2)
+    elif io_t is double:
+        cnb_cols_d(<const double*>x, <const double*>dy, n, mh, ml, r, want_dy, a0, a1, a2)
+    else:
+        cnb_cols_h(<const uint16_t*>x, <const uint16_t*>dy, n, mh, ml, r, want_dy, a0, a1, a2)
+
+
+cdef inline void d_dxvec(const char* x, const char* dy, char* dx, Py_ssize_t n, const double* mh,
+                         const double* ml, const double* r, const double* a, const double* bb,
+                         const double* w, const io_t* tag) noexcept nogil:
+    if io_t is float:
+        cnb_dxvec_f(<const float*>x, <const float*>dy, <float*>dx, n, mh, ml, r, a, bb, w)
+    elif io_t is double:
+        cnb_dxvec_d(<const double*>x, <const double*>dy, <double*>dx, n, mh, ml, r, a, bb, w)
+    else:
+        cnb_dxvec_h(<const uint16_t*>x, <const uint16_t*>dy, <uint16_t*>dx, n, mh, ml, r, a, bb,
+                    w)
+
+
 cdef void row_fast(const char* xr, const char* dyr, char* dxr, Py_ssize_t K0, Py_ssize_t K1,
                    Py_ssize_t xs0, Py_ssize_t ds0, Py_ssize_t os0, double m, double r, int mode,
                    bint refine, const double* w, Py_ssize_t pk0, bint pvec, double* pw, double* pb,
                    const io_t* tag) noexcept nogil:
-    """row_backward without activation on contiguous float32/float64 segments."""
+    """row_backward without activation on contiguous segments (any float dtype)."""
     cdef double acc[32]
     cdef double seg[32]
     cdef double one = 1.0
@@ -930,10 +1082,7 @@ cdef void row_fast(const char* xr, const char* dyr, char* dxr, Py_ssize_t K0, Py
         acc[l] = 0.0
     if refine:
         for k0 in range(K0):
-            if io_t is float:
-                cnb_rowA_f(<const float*>(xr + k0 * xs0), K1, m, acc)
-            elif io_t is double:
-                cnb_rowA_d(<const double*>(xr + k0 * xs0), K1, m, acc)
+            d_rowA(xr + k0 * xs0, K1, m, acc, tag)
         for l in range(16):
             t1 = t1 + acc[l]
             acc[l] = 0.0
@@ -942,21 +1091,12 @@ cdef void row_fast(const char* xr, const char* dyr, char* dxr, Py_ssize_t K0, Py
     for k0 in range(K0):
         wk = w + pk0 * k0
         if pvec:
-            if io_t is float:
-                cnb_rowB_f(<const float*>(xr + k0 * xs0), <const float*>(dyr + k0 * ds0), K1, m, ml,
-                           r, wk, 1, pw + pk0 * k0, pb + pk0 * k0, acc)
-            elif io_t is double:
-                cnb_rowB_d(<const double*>(xr + k0 * xs0), <const double*>(dyr + k0 * ds0), K1, m,
-                           ml, r, wk, 1, pw + pk0 * k0, pb + pk0 * k0, acc)
+            d_rowB(xr + k0 * xs0, dyr + k0 * ds0, K1, m, ml, r, wk, 1, pw + pk0 * k0,
+                   pb + pk0 * k0, acc, tag)
         else:
             for l in range(32):
                 seg[l] = 0.0
-            if io_t is float:
-                cnb_rowB_f(<const float*>(xr + k0 * xs0), <const float*>(dyr + k0 * ds0), K1, m, ml,
-                           r, &one, 0, NULL, NULL, seg)
-            elif io_t is double:
-                cnb_rowB_d(<const double*>(xr + k0 * xs0), <const double*>(dyr + k0 * ds0), K1, m,
-                           ml, r, &one, 0, NULL, NULL, seg)
+            d_rowB(xr + k0 * xs0, dyr + k0 * ds0, K1, m, ml, r, &one, 0, NULL, NULL, seg, tag)
             fold_segment(seg, seg + 16, 16, wk[0], &s1, &s2, pw + pk0 * k0 if pw != NULL else NULL,
                          pb + pk0 * k0 if pw != NULL else NULL)
     for l in range(16):
@@ -964,13 +1104,8 @@ cdef void row_fast(const char* xr, const char* dyr, char* dxr, Py_ssize_t K0, Py
         t2 = t2 + acc[16 + l]
     row_coefficients(mode, t1 + s1, t2 + s2, K, &a, &bb)
     for k0 in range(K0):
-        wk = w + pk0 * k0
-        if io_t is float:
-            cnb_rowC_f(<const float*>(xr + k0 * xs0), <const float*>(dyr + k0 * ds0),
-                       <float*>(dxr + k0 * os0), K1, m, ml, r, wk, pvec, a, bb)
-        elif io_t is double:
-            cnb_rowC_d(<const double*>(xr + k0 * xs0), <const double*>(dyr + k0 * ds0),
-                       <double*>(dxr + k0 * os0), K1, m, ml, r, wk, pvec, a, bb)
+        d_rowC(xr + k0 * xs0, dyr + k0 * ds0, dxr + k0 * os0, K1, m, ml, r, w + pk0 * k0, pvec,
+               a, bb, tag)
 
 
 cdef void row_fast4(const char** xr, const char** dyr, char** dxr, Py_ssize_t K0, Py_ssize_t K1,
@@ -989,28 +1124,15 @@ cdef void row_fast4(const char** xr, const char** dyr, char** dxr, Py_ssize_t K0
         ml[q] = 0.0
         if refine:
             for k0 in range(K0):
-                if io_t is float:
-                    cnb_rowA_f(<const float*>(xr[q] + k0 * xs0), K1, m[q], acc)
-                elif io_t is double:
-                    cnb_rowA_d(<const double*>(xr[q] + k0 * xs0), K1, m[q], acc)
+                d_rowA(xr[q] + k0 * xs0, K1, m[q], acc, tag)
             t1 = 0.0
             for l in range(16):
                 t1 = t1 + acc[l]
                 acc[l] = 0.0
             ml[q] = t1 / K
     for k0 in range(K0):
-        if io_t is float:
-            cnb_rowB4_f(<const float*>(xr[0] + k0 * xs0), <const float*>(xr[1] + k0 * xs0),
-                        <const float*>(xr[2] + k0 * xs0), <const float*>(xr[3] + k0 * xs0),
-                        <const float*>(dyr[0] + k0 * ds0), <const float*>(dyr[1] + k0 * ds0),
-                        <const float*>(dyr[2] + k0 * ds0), <const float*>(dyr[3] + k0 * ds0),
-                        K1, m, ml, r, w + pk0 * k0, pw + pk0 * k0, pb + pk0 * k0, acc)
-        elif io_t is double:
-            cnb_rowB4_d(<const double*>(xr[0] + k0 * xs0), <const double*>(xr[1] + k0 * xs0),
-                        <const double*>(xr[2] + k0 * xs0), <const double*>(xr[3] + k0 * xs0),
-                        <const double*>(dyr[0] + k0 * ds0), <const double*>(dyr[1] + k0 * ds0),
-                        <const double*>(dyr[2] + k0 * ds0), <const double*>(dyr[3] + k0 * ds0),
-                        K1, m, ml, r, w + pk0 * k0, pw + pk0 * k0, pb + pk0 * k0, acc)
+        d_rowB4(xr, dyr, k0 * xs0, k0 * ds0, K1, m, ml, r, w + pk0 * k0, pw + pk0 * k0,
+                pb + pk0 * k0, acc, tag)
     for q in range(4):
         t1 = 0.0
         t2 = 0.0
@@ -1019,14 +1141,8 @@ cdef void row_fast4(const char** xr, const char** dyr, char** dxr, Py_ssize_t K0
             t2 = t2 + acc[32 * q + 16 + l]
         row_coefficients(mode, t1, t2, K, &a, &bb)
         for k0 in range(K0):
-            if io_t is float:
-                cnb_rowC_f(<const float*>(xr[q] + k0 * xs0), <const float*>(dyr[q] + k0 * ds0),
-                           <float*>(dxr[q] + k0 * os0), K1, m[q], ml[q], r[q], w + pk0 * k0, 1,
-                           a, bb)
-            elif io_t is double:
-                cnb_rowC_d(<const double*>(xr[q] + k0 * xs0), <const double*>(dyr[q] + k0 * ds0),
-                           <double*>(dxr[q] + k0 * os0), K1, m[q], ml[q], r[q], w + pk0 * k0, 1,
-                           a, bb)
+            d_rowC(xr[q] + k0 * xs0, dyr[q] + k0 * ds0, dxr[q] + k0 * os0, K1, m[q], ml[q], r[q],
+                   w + pk0 * k0, 1, a, bb, tag)
 
 
 cdef void row_backward(const char* xr, const char* dyr, char* dxr, Py_ssize_t K0, Py_ssize_t K1,
@@ -1054,12 +1170,10 @@ cdef void row_backward(const char* xr, const char* dyr, char* dxr, Py_ssize_t K0
     cdef double* gp
     cdef int l
     cdef double zero = 0.0
-    if io_t is not uint16_t:
-        if (act == ACT_NONE and xs[1] == sizeof(io_t) and ds[1] == sizeof(io_t)
-                and os[1] == sizeof(io_t)):
-            row_fast(xr, dyr, dxr, K0, K1, xs[0], ds[0], os[0], m, r, mode, refine, w, pk0, pvec,
-                     pw, pb, tag)
-            return
+    if act == ACT_NONE and xs[1] == sizeof(io_t) and ds[1] == sizeof(io_t) and os[1] == sizeof(io_t):
+        row_fast(xr, dyr, dxr, K0, K1, xs[0], ds[0], os[0], m, r, mode, refine, w, pk0, pvec,
+                 pw, pb, tag)
+        return
     for l in range(LANES):
         acc1[l] = 0.0
         acc2[l] = 0.0
@@ -1163,13 +1277,11 @@ cdef int rows_nd(const char* x, const char* dy, char* dx, const Py_ssize_t* sh,
     cdef int nt = nthreads if R * K >= SERIAL_WORK and ntasks > 1 else 1
     cdef int unbuffered = 0
     cdef bint blocked = False, fast = False
-    if io_t is not uint16_t:
-        # row_fast reads the rows straight from memory: no row buffer
-        fast = (act == ACT_NONE and xs[3] == sizeof(io_t) and ds[3] == sizeof(io_t)
-                and os[3] == sizeof(io_t))
-        # LayerNorm-like rows: contiguous segments, parameters per element, the same for every row
-        blocked = (block_rows4 and fast and pacc != NULL and ps[3] == 1 and ps[0] == 0
-                   and ps[1] == 0)
+    # row_fast reads the rows straight from memory: no row buffer
+    fast = (act == ACT_NONE and xs[3] == sizeof(io_t) and ds[3] == sizeof(io_t)
+            and os[3] == sizeof(io_t))
+    # LayerNorm-like rows: contiguous segments, parameters per element, the same for every row
+    blocked = block_rows4 and fast and pacc != NULL and ps[3] == 1 and ps[0] == 0 and ps[1] == 0
     for t in prange(ntasks, nogil=True, num_threads=nt, schedule='static'):
         xb = NULL
         gb = NULL
@@ -1356,25 +1468,21 @@ cdef void cell_rows_task(const char* x, const char* dy, const Py_ssize_t* sh,
     cdef int l
     cdef double acc[48]
     cdef double t0 = 0.0, t1 = 0.0, t2 = 0.0
-    if io_t is not uint16_t:
-        if act == ACT_NONE and xs[3] == sizeof(io_t) and ds[3] == sizeof(io_t):
-            for l in range(48):
-                acc[l] = 0.0
-            for q in range(r0, r1):
-                xrow = x + o * xs[0] + q * xs[1] + k * xs[2]
-                drow = dy + o * ds[0] + q * ds[1] + k * ds[2]
-                if io_t is float:
-                    cnb_cell_f(<const float*>xrow, <const float*>drow, sh[3], mh, ml, r, want_dy, acc)
-                else:
-                    cnb_cell_d(<const double*>xrow, <const double*>drow, sh[3], mh, ml, r, want_dy, acc)
-            for l in range(16):
-                t0 = t0 + acc[l]
-                t1 = t1 + acc[16 + l]
-                t2 = t2 + acc[32 + l]
-            out[0] += t0
-            out[1] += t1
-            out[2] += t2
-            return
+    if act == ACT_NONE and xs[3] == sizeof(io_t) and ds[3] == sizeof(io_t):
+        for l in range(48):
+            acc[l] = 0.0
+        for q in range(r0, r1):
+            xrow = x + o * xs[0] + q * xs[1] + k * xs[2]
+            drow = dy + o * ds[0] + q * ds[1] + k * ds[2]
+            d_cell(xrow, drow, sh[3], mh, ml, r, want_dy, acc, tag)
+        for l in range(16):
+            t0 = t0 + acc[l]
+            t1 = t1 + acc[16 + l]
+            t2 = t2 + acc[32 + l]
+        out[0] += t0
+        out[1] += t1
+        out[2] += t2
+        return
     for l in range(LANES):
         a0[l] = 0.0
         a1[l] = 0.0
@@ -1435,16 +1543,12 @@ cdef void cell_cols_task(const char* x, const char* dy, const Py_ssize_t* sh,
         a0[i] = 0.0
         a1[i] = 0.0
         a2[i] = 0.0
-    if io_t is not uint16_t:
-        fast = act == ACT_NONE and xs[2] == sizeof(io_t) and ds[2] == sizeof(io_t)
+    fast = act == ACT_NONE and xs[2] == sizeof(io_t) and ds[2] == sizeof(io_t)
     for q in range(r0, r1):
         xrow = x + o * xs[0] + q * xs[1]
         drow = dy + o * ds[0] + q * ds[1]
         if fast:
-            if io_t is float:
-                cnb_cols_f(<const float*>xrow, <const float*>drow, K, mt, lfast, rt, want_dy, a0, a1, a2)
-            elif io_t is double:
-                cnb_cols_d(<const double*>xrow, <const double*>drow, K, mt, lfast, rt, want_dy, a0, a1, a2)
+            d_cols(xrow, drow, K, mt, lfast, rt, want_dy, a0, a1, a2, tag)
             continue
         for k0 in range(0, K, TILE):
             kn = min(TILE, K - k0)
@@ -1570,25 +1674,14 @@ cdef void dx_row(const char* x, Py_ssize_t xs, const char* dy, Py_ssize_t ds, ch
     cdef double gc[CHUNK]
     cdef double tc[CHUNK]
     cdef Py_ssize_t i0, m, so, po
-    if io_t is not uint16_t:
-        if (act == ACT_NONE and ss == 0 and ps == 0 and xs == sizeof(io_t)
-                and ds == sizeof(io_t) and os == sizeof(io_t)):
-            if io_t is float:
-                cnb_rowC_f(<const float*>x, <const float*>dy, <float*>dx, n, mh[0], ml[0], rs[0],
-                           w, 0, a[0], bb[0])
-            else:
-                cnb_rowC_d(<const double*>x, <const double*>dy, <double*>dx, n, mh[0], ml[0],
-                           rs[0], w, 0, a[0], bb[0])
-            return
-        if (act == ACT_NONE and ss == 1 and ps == 1 and xs == sizeof(io_t)
-                and ds == sizeof(io_t) and os == sizeof(io_t)):
-            if io_t is float:
-                cnb_dxvec_f(<const float*>x, <const float*>dy, <float*>dx, n, mh,
-                            <const double*>NULL if mlz else ml, rs, a, bb, w)
-            else:
-                cnb_dxvec_d(<const double*>x, <const double*>dy, <double*>dx, n, mh,
-                            <const double*>NULL if mlz else ml, rs, a, bb, w)
-            return
+    cdef bint direct = (act == ACT_NONE and xs == sizeof(io_t) and ds == sizeof(io_t)
+                        and os == sizeof(io_t))
+    if direct and ss == 0 and ps == 0:
+        d_rowC(x, dy, dx, n, mh[0], ml[0], rs[0], w, 0, a[0], bb[0], tag)
+        return
+    if direct and ss == 1 and ps == 1:
+        d_dxvec(x, dy, dx, n, mh, <const double*>NULL if mlz else ml, rs, a, bb, w, tag)
+        return
     for i0 in range(0, n, CHUNK):
         m = min(CHUNK, n - i0)
         so = i0 * ss

@@ -19,11 +19,11 @@ taken in ``LANES`` = 16 float64 lanes, lane ``l`` adding the elements ``l,
 l + 16, l + 32, ...`` of the segment in order, and the lanes are then added
 in order 0..15; the sums of segments and rows follow in order (channels-last
 column sums run down each column in row order).  That is the
-order of the Cython kernels' direct paths (``row_fast``, ``cnb_cell``:
-float32/float64, unit inner stride, no activation), so there the results are
-bitwise the Cython backend's; elsewhere (float16, strided inner axes, an
-activation) Cython sums in 8 lanes and the two backends agree to the last
-bits of the float64 sums.  The work partition depends on the shape only, so
+order of the Cython kernels' direct paths (``row_fast``, ``cnb_cell``: any
+float dtype, unit inner stride, no activation), so there the results are
+bitwise the Cython backend's; elsewhere (strided inner axes, an activation)
+Cython sums in 8 lanes and the two backends agree to the last bits of the
+float64 sums.  The work partition depends on the shape only, so
 results do not depend on the thread count.
 
 Where x and dy are contiguous along the inner axis and there is no
