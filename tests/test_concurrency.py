@@ -216,3 +216,21 @@ def test_openmp_wait_defaults_leave_the_users_settings(env, expect):
     out = subprocess.run([sys.executable, "-c", code], env=base | env, capture_output=True,
                          text=True, timeout=600, check=True).stdout.split()
     assert tuple(None if v == "None" else v for v in out) == expect
+
+
+@pytest.mark.parametrize("call", ["layer_norm", "batch_norm", "layer_norm general"])
+def test_large_new_outputs_faulted_in_first_are_fully_written(call):
+    """A new output of >= 32 MiB written by 2 threads has its pages touched first
+    (``prefault_pages``): the result is still every element the kernel wrote, bitwise the
+    out= call (the small-call entries and the general path's _output)."""
+    x = np.random.default_rng(7).standard_normal((80, 64, 1024)) * 3 + 5   # 40 MiB float64
+    fn = {"layer_norm": lambda **kw: cnorm.layer_norm(x, **kw),
+          "batch_norm": lambda **kw: cnorm.batch_norm(x, **kw),
+          "layer_norm general": lambda **kw: cnorm.layer_norm(x, axis=(1, 2), **kw)}[call]
+    ref = np.full_like(x, np.nan)
+    fn(out=ref, num_threads=1)
+    _bitwise_equal(fn(num_threads=2), ref)
+    y = np.zeros((5 * 1024 * 1024,))   # 40 MiB holding data: no effect with one thread
+    y[::512] = 1.0
+    _config.kernels.prefault_output(y, 1)
+    assert (y[::512] == 1.0).all()

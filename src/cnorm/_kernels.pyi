@@ -91,6 +91,8 @@ def moments_contig(
     float64_out: bool,                   # bint: float64 results even for float32 input
     nthreads: int,                       # int: the resolved thread count (results do not depend on it)
 ) -> tuple[np.ndarray, np.ndarray] | None: ...  # None: not eligible (use the general path)
+def prefault_output(y: np.ndarray, nthreads: int) -> None: ...   # fault in a new output's pages
+# (one thread, before nthreads > 1 threads write it; outputs of 32 MiB and more)
 def set_stream_threshold(nbytes: int) -> int: ...   # outputs >= nbytes use streaming stores
 def set_f32_vector_bits(bits: int) -> int: ...   # float32 loops in 256/512-bit vectors (AVX-512)
 def f32_vector_bits() -> int: ...

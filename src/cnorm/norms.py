@@ -76,14 +76,20 @@ def _prepare(x, out, fn, backend, num_threads, activation, return_stats):
     return xa, rdt, act, backend
 
 
-def _output(xa, rdt, out):
+def _output(xa, rdt, out, nthreads):
     """The array the kernels write: ``out`` itself when its dtype is the working
-    dtype; a float32 buffer for bfloat16 (copied into ``out`` by _finish)."""
+    dtype; a float32 buffer for bfloat16 (copied into ``out`` by _finish).  A new
+    array's pages are faulted in first when ``nthreads`` threads will write it
+    (``prefault_output``: concurrent huge-page faults stall)."""
     if out is not None and out.dtype == xa.dtype:
         return out
     if rdt != xa.dtype:  # bfloat16 computed from a float32 copy
-        return np.empty(xa.shape, dtype=xa.dtype)
-    return np.empty_like(xa, order="K")
+        y = np.empty(xa.shape, dtype=xa.dtype)
+    else:
+        y = np.empty_like(xa, order="K")
+    if _config.HAVE_EXTENSION and nthreads > 1:
+        _config.kernels.prefault_output(y, nthreads)
+    return y
 
 
 def _finish(xa, y, rdt, out):
@@ -377,7 +383,7 @@ def layer_norm(x, axis=-1, weight=None, bias=None, *, eps=1e-5, activation=None,
     b0 = _param(bias, pshape, "bias", fn)
     keep = tuple(1 if i in axes else s for i, s in enumerate(xa.shape))
     with _config.call_slot(num_threads) as nt:
-        y = _output(xa, rdt, out)
+        y = _output(xa, rdt, out, nt)
         fused = None
         if axes == tuple(range(xa.ndim - len(axes), xa.ndim)):
             fused = _fused_rows(xa, y, xa.ndim - len(axes), eps, 0,
@@ -439,7 +445,7 @@ def rms_norm(x, axis=-1, weight=None, *, eps=None, activation=None, out=None,
     w0 = _param(weight, pshape, "weight", fn)
     keep = tuple(1 if i in axes else s for i, s in enumerate(xa.shape))
     with _config.call_slot(num_threads) as nt:
-        y = _output(xa, rdt, out)
+        y = _output(xa, rdt, out, nt)
         fused = None
         if axes == tuple(range(xa.ndim - len(axes), xa.ndim)):
             fused = _fused_rows(xa, y, xa.ndim - len(axes), eps, 1,
@@ -586,7 +592,7 @@ def batch_norm(x, weight=None, bias=None, *, axis=1, running_mean=None, running_
             ml = np.zeros(keep)
             var = rv.astype(np.float64).reshape(keep)
         rs = _rstd(var, eps)
-        y = _output(xa, rdt, out)
+        y = _output(xa, rdt, out, nt)
         done = False
         if c_ax in (1, xa.ndim - 1) and xa.ndim >= 2:
             sper = c_ax == xa.ndim - 1
@@ -649,7 +655,7 @@ def instance_norm(x, weight=None, bias=None, *, axis=1, running_mean=None, runni
         raise ValueError(f"{fn}: eval mode (training=False) needs running_mean and running_var")
     keep_c = tuple(C if i == c_ax else 1 for i in range(xa.ndim))
     with _config.call_slot(num_threads) as nt:
-        y = _output(xa, rdt, out)
+        y = _output(xa, rdt, out, nt)
         fused = None
         if training and c_ax == 1:
             fused = _fused_rows(xa, y, 2, eps, 0, None if w is None else w.reshape(-1),
@@ -715,7 +721,7 @@ def group_norm(x, num_groups, weight=None, bias=None, *, axis=1, eps=1e-5, activ
     bg = _expand(None if b is None else b.reshape(G, C // G), (c_ax, c_ax + 1), xg.ndim)
     N = xa.shape[0]
     with _config.call_slot(num_threads) as nt:
-        y = _output(xa, rdt, out)
+        y = _output(xa, rdt, out, nt)
         fused = None
         if c_ax == 1:
             yg = _view(y, gshape, y.strides[:1] + (y.strides[1] * (C // G),
