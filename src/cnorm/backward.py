@@ -447,7 +447,7 @@ def _dx_pass(xv, dyv, dxv, stats, params, act, mod, nt):
     params = [follow_order(p, order) for p in params]
     ss, ps = element_strides(stats[0]), element_strides(params[0])
     plan = plan_elementwise(xv.shape, [xv.strides, dyv.strides, dxv.strides, ss, ps], order)
-    # _follow's arrays are dense with non-negative strides: their ravel(order="K") is a
+    # follow_order's arrays are dense with non-negative strides: their ravel(order="K") is a
     # view that starts at element 0 (offset 0 into the flat buffers)
     fs = [s.ravel(order="K") for s in stats]
     fp = [p.ravel(order="K") for p in params]
@@ -595,8 +595,9 @@ def _small_kernel(mod, x, dy, row_dims, batch_dims, mean, rstd, wv, bv, want, mo
     shape4, st, R, K = plan
     pacc = _param_acc(R, K, wv.size) if want else None
     dx = np.empty_like(x)
-    _config.run_entry(mod.rows_backward, x, num_threads, 0, dy, 0, dx, 0, shape4, st[0], st[1], st[2], mean.reshape(-1), rstd.reshape(-1), 0,
-                      st[3][:2], wv, bv, 0, st[4], pacc, mode, refine, 0)
+    _config.run_entry(mod.rows_backward, x, num_threads, 0, dy, 0, dx, 0, shape4, st[0], st[1],
+                      st[2], mean.reshape(-1), rstd.reshape(-1), 0, st[3][:2], wv, bv, 0, st[4],
+                      pacc, mode, refine, 0)
     if not want:
         return dx, None, None
     total = pacc.sum(axis=0)
