@@ -141,11 +141,9 @@ cdef extern from *:
     static inline cnb_v8 cnb_ld_f(const float *p) {
         return (cnb_v8)_mm512_cvtps_pd(_mm256_loadu_ps(p));
     }
-    static inline void cnb_st_f(float *p, cnb_v8 v) {
-        _mm256_storeu_ps(p, _mm512_cvtpd_ps((__m512d)v));
-    }
     #elif defined(__AVX__)
-    /* two 256-bit conversions joined into the 8-lane vector: GCC lowered the
+    /* (cnb_v8 loads: the four-row pass cnb_rowB4; the other loops use cnb_wld_*)
+       two 256-bit conversions joined into the 8-lane vector: GCC lowered the
        generic convert below through stack copies here (layer_norm_backward of
        (2048, 1024) float32, 1 thread, AMD EPYC Zen 3: 23 ms against 9 ms on
        the SSE2 build); the same exact widening and round-to-nearest narrowing */
@@ -154,21 +152,12 @@ cdef extern from *:
         __m256d h[2] = {_mm256_cvtps_pd(_mm_loadu_ps(p)), _mm256_cvtps_pd(_mm_loadu_ps(p + 4))};
         cnb_v8 v; memcpy(&v, h, sizeof v); return v;
     }
-    static inline void cnb_st_f(float *p, cnb_v8 v) {
-        __m256d h[2]; memcpy(h, &v, sizeof v);
-        _mm_storeu_ps(p, _mm256_cvtpd_ps(h[0]));
-        _mm_storeu_ps(p + 4, _mm256_cvtpd_ps(h[1]));
-    }
     #else
     static inline cnb_v8 cnb_ld_f(const float *p) {
         cnb_v8f v; memcpy(&v, p, sizeof v); return __builtin_convertvector(v, cnb_v8);
     }
-    static inline void cnb_st_f(float *p, cnb_v8 v) {
-        cnb_v8f f = __builtin_convertvector(v, cnb_v8f); memcpy(p, &f, sizeof f);
-    }
     #endif
     static inline cnb_v8 cnb_ld_d(const double *p) { return cnb_ld(p); }
-    static inline void cnb_st_d(double *p, cnb_v8 v) { cnb_st(p, v); }
 
     /* The row loops below in native vectors of CNB_W float64 lanes: the 8 (16)
        lanes of a sum are CNB_N (2 CNB_N) such vectors, sub-vector j holding
@@ -189,6 +178,9 @@ cdef extern from *:
     #define CNB_W 2
     #endif
     #define CNB_N (8 / CNB_W)
+    /* for j over the 2 CNB_N sub-vectors of 16 lanes, fully unrolled (the array of
+       accumulators then stays in registers) */
+    #define CNB_FOR_J _Pragma("GCC unroll 8") for (j = 0; j < 2 * CNB_N; j++)
     typedef double cnb_vw __attribute__((vector_size(CNB_W * 8), aligned(8)));
     /* unaligned loads and stores by intrinsic: through memcpy GCC moved each
        ymm vector through the stack as two xmm halves (a store-forwarding
@@ -285,28 +277,28 @@ cdef extern from *:
         const cnb_vw mv = cnb_wsplat(m);                                                    \
         Py_ssize_t i, nv = n - n % 16;                                                      \
         int j;                                                                              \
-        _Pragma("GCC unroll 8") for (j = 0; j < 2 * CNB_N; j++) s[j] = cnb_wld(a + j * CNB_W);                      \
+        CNB_FOR_J s[j] = cnb_wld(a + j * CNB_W);                                            \
         for (i = 0; i < nv; i += 16)                                                        \
-            _Pragma("GCC unroll 8") for (j = 0; j < 2 * CNB_N; j++) s[j] += cnb_wld_##S(x + i + j * CNB_W) - mv;    \
-        _Pragma("GCC unroll 8") for (j = 0; j < 2 * CNB_N; j++) cnb_wst(a + j * CNB_W, s[j]);                       \
-        for (i = nv; i < n; i++) a[i - nv] += cnb_s_##S(x[i]) - m;                             \
+            CNB_FOR_J s[j] += cnb_wld_##S(x + i + j * CNB_W) - mv;                          \
+        CNB_FOR_J cnb_wst(a + j * CNB_W, s[j]);                                             \
+        for (i = nv; i < n; i++) a[i - nv] += cnb_s_##S(x[i]) - m;                          \
     }                                                                                       \
     /* a[0:16] += w*dy, a[16:32] += w*dy*xh; with pvec pw += dy*xh, pb += dy */             \
     static inline void cnb_rowB_##S(const T *restrict x, const T *restrict dy, Py_ssize_t n, \
-                                    double m, double ml, double r, const double *restrict w,\
+                                    double m, double ml, double r, const double *restrict w, \
                                     int pvec, double *restrict pw, double *restrict pb,     \
                                     double *restrict a) {                                   \
         cnb_vw s1[2 * CNB_N], s2[2 * CNB_N];                                                \
         Py_ssize_t i, nv = n - n % 16;                                                      \
         int j;                                                                              \
         const int z = ml == 0.0;                                                            \
-        const cnb_vw mv = cnb_wsplat(m), mlv = cnb_wsplat(ml), rv = cnb_wsplat(r);         \
-        _Pragma("GCC unroll 8") for (j = 0; j < 2 * CNB_N; j++) {                                                   \
+        const cnb_vw mv = cnb_wsplat(m), mlv = cnb_wsplat(ml), rv = cnb_wsplat(r);          \
+        CNB_FOR_J {                                                                         \
             s1[j] = cnb_wld(a + j * CNB_W); s2[j] = cnb_wld(a + 16 + j * CNB_W);            \
         }                                                                                   \
         if (pvec) {                                                                         \
             for (i = 0; i < nv; i += 16)                                                    \
-                _Pragma("GCC unroll 8") for (j = 0; j < 2 * CNB_N; j++) {                                           \
+                CNB_FOR_J {                                                                 \
                     const Py_ssize_t k = i + j * CNB_W;                                     \
                     cnb_vw v = CNB_C(cnb_wld_##S(x + k), mv, mlv, z) * rv;                  \
                     cnb_vw g = cnb_wld_##S(dy + k), t = cnb_wld(w + k) * g;                 \
@@ -317,18 +309,18 @@ cdef extern from *:
         } else {                                                                            \
             const cnb_vw w0 = cnb_wsplat(w[0]);                                             \
             for (i = 0; i < nv; i += 16)                                                    \
-                _Pragma("GCC unroll 8") for (j = 0; j < 2 * CNB_N; j++) {                                           \
+                CNB_FOR_J {                                                                 \
                     const Py_ssize_t k = i + j * CNB_W;                                     \
                     cnb_vw v = CNB_C(cnb_wld_##S(x + k), mv, mlv, z) * rv;                  \
                     cnb_vw t = w0 * cnb_wld_##S(dy + k);                                    \
                     s1[j] += t; s2[j] += t * v;                                             \
                 }                                                                           \
         }                                                                                   \
-        _Pragma("GCC unroll 8") for (j = 0; j < 2 * CNB_N; j++) {                                                   \
+        CNB_FOR_J {                                                                         \
             cnb_wst(a + j * CNB_W, s1[j]); cnb_wst(a + 16 + j * CNB_W, s2[j]);              \
         }                                                                                   \
         for (i = nv; i < n; i++) {                                                          \
-            double v = ((cnb_s_##S(x[i]) - m) - ml) * r, g = cnb_s_##S(dy[i]);                    \
+            double v = ((cnb_s_##S(x[i]) - m) - ml) * r, g = cnb_s_##S(dy[i]);              \
             double t = (pvec ? w[i] : w[0]) * g;                                            \
             a[i - nv] += t; a[16 + i - nv] += t * v;                                        \
             if (pvec) { pw[i] += g * v; pb[i] += g; }                                       \
@@ -342,80 +334,80 @@ cdef extern from *:
         Py_ssize_t i, nv = n - n % 8;                                                       \
         double w0 = w[0];                                                                   \
         const int z = ml == 0.0;                                                            \
-        const cnb_vw mv = cnb_wsplat(m), mlv = cnb_wsplat(ml), rv = cnb_wsplat(r);         \
-        const cnb_vw w0v = cnb_wsplat(w0), av = cnb_wsplat(a), bbv = cnb_wsplat(bb);       \
+        const cnb_vw mv = cnb_wsplat(m), mlv = cnb_wsplat(ml), rv = cnb_wsplat(r);          \
+        const cnb_vw w0v = cnb_wsplat(w0), av = cnb_wsplat(a), bbv = cnb_wsplat(bb);        \
         for (i = 0; i < nv; i += CNB_W) {                                                   \
             cnb_vw v = CNB_C(cnb_wld_##S(x + i), mv, mlv, z) * rv, g = cnb_wld_##S(dy + i); \
             cnb_vw wg = pvec ? cnb_wld(w + i) * g : w0v * g;                                \
             cnb_wst_##S(dx + i, ((wg - av) - v * bbv) * rv);                                \
         }                                                                                   \
         for (i = nv; i < n; i++) {                                                          \
-            double v = ((cnb_s_##S(x[i]) - m) - ml) * r;                                       \
-            dx[i] = cnb_t_##S((((pvec ? w[i] : w0) * cnb_s_##S(dy[i]) - a) - v * bb) * r);          \
+            double v = ((cnb_s_##S(x[i]) - m) - ml) * r;                                    \
+            dx[i] = cnb_t_##S((((pvec ? w[i] : w0) * cnb_s_##S(dy[i]) - a) - v * bb) * r);  \
         }                                                                                   \
     }                                                                                       \
-    /* per-cell sums: a[0:16] += (x - mh) - ml, a[16:32] += dy, a[32:48] += dy*xh */    \
+    /* per-cell sums: a[0:16] += (x - mh) - ml, a[16:32] += dy, a[32:48] += dy*xh */        \
     static inline void cnb_cell_##S(const T *restrict x, const T *restrict dy, Py_ssize_t n, \
                                     double mh, double ml, double r, int want_dy,            \
                                     double *restrict a) {                                   \
         cnb_vw c[2 * CNB_N], gs[2 * CNB_N], ps[2 * CNB_N];                                  \
         Py_ssize_t i, nv = n - n % 16;                                                      \
         int j;                                                                              \
-        const cnb_vw mhv = cnb_wsplat(mh), mlv = cnb_wsplat(ml), rv = cnb_wsplat(r);       \
-        _Pragma("GCC unroll 8") for (j = 0; j < 2 * CNB_N; j++) {                                                   \
+        const cnb_vw mhv = cnb_wsplat(mh), mlv = cnb_wsplat(ml), rv = cnb_wsplat(r);        \
+        CNB_FOR_J {                                                                         \
             c[j] = cnb_wld(a + j * CNB_W); gs[j] = cnb_wld(a + 16 + j * CNB_W);             \
             ps[j] = cnb_wld(a + 32 + j * CNB_W);                                            \
         }                                                                                   \
         if (want_dy) {                                                                      \
             for (i = 0; i < nv; i += 16)                                                    \
-                _Pragma("GCC unroll 8") for (j = 0; j < 2 * CNB_N; j++) {                                           \
+                CNB_FOR_J {                                                                 \
                     const Py_ssize_t k = i + j * CNB_W;                                     \
                     cnb_vw cc = (cnb_wld_##S(x + k) - mhv) - mlv, g = cnb_wld_##S(dy + k);  \
                     c[j] += cc; gs[j] += g; ps[j] += g * (cc * rv);                         \
                 }                                                                           \
         } else {                                                                            \
             for (i = 0; i < nv; i += 16)                                                    \
-                _Pragma("GCC unroll 8") for (j = 0; j < 2 * CNB_N; j++)                                             \
+                CNB_FOR_J                                                                   \
                     c[j] += (cnb_wld_##S(x + i + j * CNB_W) - mhv) - mlv;                   \
         }                                                                                   \
-        _Pragma("GCC unroll 8") for (j = 0; j < 2 * CNB_N; j++) {                                                   \
+        CNB_FOR_J {                                                                         \
             cnb_wst(a + j * CNB_W, c[j]); cnb_wst(a + 16 + j * CNB_W, gs[j]);               \
             cnb_wst(a + 32 + j * CNB_W, ps[j]);                                             \
         }                                                                                   \
         for (i = nv; i < n; i++) {                                                          \
-            double c = (cnb_s_##S(x[i]) - mh) - ml;                                            \
+            double c = (cnb_s_##S(x[i]) - mh) - ml;                                         \
             a[i - nv] += c;                                                                 \
             if (want_dy) {                                                                  \
-                double g = cnb_s_##S(dy[i]);                                                   \
+                double g = cnb_s_##S(dy[i]);                                                \
                 a[16 + i - nv] += g;                                                        \
                 a[32 + i - nv] += g * (c * r);                                              \
             }                                                                               \
         }                                                                                   \
     }                                                                                       \
-    /* column sums over one row of a tile: a0 += (x - mh) - ml, a1 += dy, a2 += dy*xh */ \
-    static inline void cnb_cols_##S(const T *restrict x, const T *restrict dy, Py_ssize_t n,\
+    /* column sums over one row of a tile: a0 += (x - mh) - ml, a1 += dy, a2 += dy*xh */    \
+    static inline void cnb_cols_##S(const T *restrict x, const T *restrict dy, Py_ssize_t n, \
                                     const double *restrict mh, const double *restrict ml,   \
                                     const double *restrict r, int want_dy,                  \
                                     double *restrict a0, double *restrict a1,               \
                                     double *restrict a2) {                                  \
         Py_ssize_t i;                                                                       \
-        if (want_dy && ml == NULL) {  /* no low part of the mean: one subtraction less */  \
+        if (want_dy && ml == NULL) {  /* no low part of the mean: one subtraction less */   \
             for (i = 0; i < n; i++) {                                                       \
-                double c = cnb_s_##S(x[i]) - mh[i], g = cnb_s_##S(dy[i]);                         \
+                double c = cnb_s_##S(x[i]) - mh[i], g = cnb_s_##S(dy[i]);                   \
                 a0[i] += c; a1[i] += g; a2[i] += g * (c * r[i]);                            \
             }                                                                               \
         } else if (want_dy) {                                                               \
             for (i = 0; i < n; i++) {                                                       \
-                double c = (cnb_s_##S(x[i]) - mh[i]) - ml[i], g = cnb_s_##S(dy[i]);               \
+                double c = (cnb_s_##S(x[i]) - mh[i]) - ml[i], g = cnb_s_##S(dy[i]);         \
                 a0[i] += c; a1[i] += g; a2[i] += g * (c * r[i]);                            \
             }                                                                               \
         } else if (ml == NULL) {                                                            \
-            for (i = 0; i < n; i++) a0[i] += cnb_s_##S(x[i]) - mh[i];                          \
+            for (i = 0; i < n; i++) a0[i] += cnb_s_##S(x[i]) - mh[i];                       \
         } else {                                                                            \
-            for (i = 0; i < n; i++) a0[i] += (cnb_s_##S(x[i]) - mh[i]) - ml[i];                \
+            for (i = 0; i < n; i++) a0[i] += (cnb_s_##S(x[i]) - mh[i]) - ml[i];             \
         }                                                                                   \
     }                                                                                       \
-    /* dx with per-element statistics and parameters (channels last) */                    \
+    /* dx with per-element statistics and parameters (channels last) */                     \
     static inline void cnb_dxvec_##S(const T *restrict x, const T *restrict dy,             \
                                      T *restrict dx, Py_ssize_t n,                          \
                                      const double *restrict mh, const double *restrict ml,  \
@@ -424,62 +416,62 @@ cdef extern from *:
         Py_ssize_t i;                                                                       \
         if (ml == NULL) {  /* no low part of the mean */                                    \
             for (i = 0; i < n; i++) {                                                       \
-                double v = (cnb_s_##S(x[i]) - mh[i]) * r[i];                                   \
-                dx[i] = cnb_t_##S(((w[i] * cnb_s_##S(dy[i]) - a[i]) - v * bb[i]) * r[i]);            \
+                double v = (cnb_s_##S(x[i]) - mh[i]) * r[i];                                \
+                dx[i] = cnb_t_##S(((w[i] * cnb_s_##S(dy[i]) - a[i]) - v * bb[i]) * r[i]);   \
             }                                                                               \
             return;                                                                         \
         }                                                                                   \
         for (i = 0; i < n; i++) {                                                           \
-            double v = ((cnb_s_##S(x[i]) - mh[i]) - ml[i]) * r[i];                             \
-            dx[i] = cnb_t_##S(((w[i] * cnb_s_##S(dy[i]) - a[i]) - v * bb[i]) * r[i]);                \
+            double v = ((cnb_s_##S(x[i]) - mh[i]) - ml[i]) * r[i];                          \
+            dx[i] = cnb_t_##S(((w[i] * cnb_s_##S(dy[i]) - a[i]) - v * bb[i]) * r[i]);       \
         }                                                                                   \
     }                                                                                       \
-    /* four rows at once, per-element parameters: the parameter sums are loaded and   \
-       stored once per four rows (the same additions in the same order as row by row), \
-       each row keeps the 16 lanes of cnb_rowB; a: 4 x 32 lanes */                      \
-    static inline void cnb_rowB4_##S(const T *restrict x0, const T *restrict x1,          \
-                                     const T *restrict x2, const T *restrict x3,          \
-                                     const T *restrict y0, const T *restrict y1,          \
-                                     const T *restrict y2, const T *restrict y3,          \
-                                     Py_ssize_t n, const double *restrict m,              \
-                                     const double *restrict ml, const double *restrict r, \
-                                     const double *restrict w, double *restrict pw,      \
-                                     double *restrict pb, double *restrict a) {           \
-        const T *xr[4] = {x0, x1, x2, x3}, *yr[4] = {y0, y1, y2, y3};                    \
-        cnb_v8 s1a[4], s1b[4], s2a[4], s2b[4];                                            \
-        Py_ssize_t i, nv = n - n % 16;                                                    \
-        int q;                                                                            \
-        const int z = ml[0] == 0.0 && ml[1] == 0.0 && ml[2] == 0.0 && ml[3] == 0.0;       \
-        for (q = 0; q < 4; q++) {                                                         \
-            s1a[q] = cnb_ld(a + 32 * q); s1b[q] = cnb_ld(a + 32 * q + 8);                 \
-            s2a[q] = cnb_ld(a + 32 * q + 16); s2b[q] = cnb_ld(a + 32 * q + 24);           \
-        }                                                                                 \
-        for (i = 0; i < nv; i += 16) {                                                    \
-            cnb_v8 wa = cnb_ld(w + i), wb = cnb_ld(w + i + 8);                            \
-            cnb_v8 pwa = cnb_ld(pw + i), pwb = cnb_ld(pw + i + 8);                        \
-            cnb_v8 pba = cnb_ld(pb + i), pbb = cnb_ld(pb + i + 8);                        \
-            for (q = 0; q < 4; q++) {                                                     \
-                cnb_v8 v = CNB_C(cnb_ld_##S(xr[q] + i), m[q], ml[q], z) * r[q];           \
-                cnb_v8 g = cnb_ld_##S(yr[q] + i), t = wa * g;                             \
-                s1a[q] += t; s2a[q] += t * v; pwa += g * v; pba += g;                     \
-                v = CNB_C(cnb_ld_##S(xr[q] + i + 8), m[q], ml[q], z) * r[q];              \
-                g = cnb_ld_##S(yr[q] + i + 8); t = wb * g;                                \
-                s1b[q] += t; s2b[q] += t * v; pwb += g * v; pbb += g;                     \
-            }                                                                             \
-            cnb_st(pw + i, pwa); cnb_st(pw + i + 8, pwb);                                 \
-            cnb_st(pb + i, pba); cnb_st(pb + i + 8, pbb);                                 \
-        }                                                                                 \
-        for (q = 0; q < 4; q++) {                                                         \
-            cnb_st(a + 32 * q, s1a[q]); cnb_st(a + 32 * q + 8, s1b[q]);                   \
-            cnb_st(a + 32 * q + 16, s2a[q]); cnb_st(a + 32 * q + 24, s2b[q]);             \
-        }                                                                                 \
-        for (i = nv; i < n; i++)                                                          \
-            for (q = 0; q < 4; q++) {                                                     \
+    /* four rows at once, per-element parameters: the parameter sums are loaded and         \
+       stored once per four rows (the same additions in the same order as row by row),      \
+       each row keeps the 16 lanes of cnb_rowB; a: 4 x 32 lanes */                          \
+    static inline void cnb_rowB4_##S(const T *restrict x0, const T *restrict x1,            \
+                                     const T *restrict x2, const T *restrict x3,            \
+                                     const T *restrict y0, const T *restrict y1,            \
+                                     const T *restrict y2, const T *restrict y3,            \
+                                     Py_ssize_t n, const double *restrict m,                \
+                                     const double *restrict ml, const double *restrict r,   \
+                                     const double *restrict w, double *restrict pw,         \
+                                     double *restrict pb, double *restrict a) {             \
+        const T *xr[4] = {x0, x1, x2, x3}, *yr[4] = {y0, y1, y2, y3};                       \
+        cnb_v8 s1a[4], s1b[4], s2a[4], s2b[4];                                              \
+        Py_ssize_t i, nv = n - n % 16;                                                      \
+        int q;                                                                              \
+        const int z = ml[0] == 0.0 && ml[1] == 0.0 && ml[2] == 0.0 && ml[3] == 0.0;         \
+        for (q = 0; q < 4; q++) {                                                           \
+            s1a[q] = cnb_ld(a + 32 * q); s1b[q] = cnb_ld(a + 32 * q + 8);                   \
+            s2a[q] = cnb_ld(a + 32 * q + 16); s2b[q] = cnb_ld(a + 32 * q + 24);             \
+        }                                                                                   \
+        for (i = 0; i < nv; i += 16) {                                                      \
+            cnb_v8 wa = cnb_ld(w + i), wb = cnb_ld(w + i + 8);                              \
+            cnb_v8 pwa = cnb_ld(pw + i), pwb = cnb_ld(pw + i + 8);                          \
+            cnb_v8 pba = cnb_ld(pb + i), pbb = cnb_ld(pb + i + 8);                          \
+            for (q = 0; q < 4; q++) {                                                       \
+                cnb_v8 v = CNB_C(cnb_ld_##S(xr[q] + i), m[q], ml[q], z) * r[q];             \
+                cnb_v8 g = cnb_ld_##S(yr[q] + i), t = wa * g;                               \
+                s1a[q] += t; s2a[q] += t * v; pwa += g * v; pba += g;                       \
+                v = CNB_C(cnb_ld_##S(xr[q] + i + 8), m[q], ml[q], z) * r[q];                \
+                g = cnb_ld_##S(yr[q] + i + 8); t = wb * g;                                  \
+                s1b[q] += t; s2b[q] += t * v; pwb += g * v; pbb += g;                       \
+            }                                                                               \
+            cnb_st(pw + i, pwa); cnb_st(pw + i + 8, pwb);                                   \
+            cnb_st(pb + i, pba); cnb_st(pb + i + 8, pbb);                                   \
+        }                                                                                   \
+        for (q = 0; q < 4; q++) {                                                           \
+            cnb_st(a + 32 * q, s1a[q]); cnb_st(a + 32 * q + 8, s1b[q]);                     \
+            cnb_st(a + 32 * q + 16, s2a[q]); cnb_st(a + 32 * q + 24, s2b[q]);               \
+        }                                                                                   \
+        for (i = nv; i < n; i++)                                                            \
+            for (q = 0; q < 4; q++) {                                                       \
                 double v = ((cnb_s_##S(xr[q][i]) - m[q]) - ml[q]) * r[q], g = cnb_s_##S(yr[q][i]); \
-                double t = w[i] * g;                                                      \
-                a[32 * q + i - nv] += t; a[32 * q + 16 + i - nv] += t * v;                \
-                pw[i] += g * v; pb[i] += g;                                               \
-            }                                                                             \
+                double t = w[i] * g;                                                        \
+                a[32 * q + i - nv] += t; a[32 * q + 16 + i - nv] += t * v;                  \
+                pw[i] += g * v; pb[i] += g;                                                 \
+            }                                                                               \
     }
     CNB_ROW(float, f)
     CNB_ROW(double, d)
