@@ -154,9 +154,10 @@ def run_entry(entry, x, num_threads, *args):
     """``entry(x, *args, nthreads)``: a C entry of the compiled kernels, with the
     thread count of a call slot when x is large enough for threads (as the
     general path takes it), else 1 without the slot's bookkeeping (the kernels
-    run serially below ``SERIAL_WORK_ELEMENTS`` anyway)."""
-    serial = kernels.SERIAL_WORK_ELEMENTS if kernels is not None else 131072  # Numba only
-    if type(x) is np.ndarray and x.size >= serial:
+    run serially below ``SERIAL_WORK_ELEMENTS`` anyway).  Without the compiled
+    kernels (a Numba entry) always the slot: the Numba kernels apply their own
+    serial threshold."""
+    if type(x) is np.ndarray and (kernels is None or x.size >= kernels.SERIAL_WORK_ELEMENTS):
         with call_slot(num_threads) as nthreads:
             return entry(x, *args, nthreads)
     return entry(x, *args, 1)
