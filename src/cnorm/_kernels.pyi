@@ -72,10 +72,10 @@ def norm_rows_contig(
     mode: int,                           # int: 0 layer/group norm, 1 RMS norm
     weight: object, bias: object,        # None or float16/32/64 (L,) / (C,) arrays
     groups: int,                         # Py_ssize_t: 0 last axis; > 0 groups of axis 1 (N, C, ...)
-    want_stats: bool,                    # bint: also return the float64 (R,) row mean and variance
+    want_stats: bool,                    # bint: also return the float64 (R,) row mean and rstd
     nthreads: int,                       # int: the resolved thread count
 ) -> np.ndarray | tuple[np.ndarray, npt.NDArray[np.float64], npt.NDArray[np.float64]] | None: ...
-# the output (with want_stats: (y, mean, var)), or None: not eligible (use the general path)
+# the output (with want_stats: (y, mean, rstd)), or None: not eligible (use the general path)
 def batch_norm_contig(
     x: object,                           # any object; only C-contiguous float arrays are taken
     out: object,                         # None or an ndarray like x (may be x)
@@ -83,7 +83,7 @@ def batch_norm_contig(
     eps: float,                          # double
     weight: object, bias: object,        # None or float16/32/64 (C,) arrays
     nthreads: int,                       # int: the resolved thread count
-) -> tuple[np.ndarray, npt.NDArray[np.float64]] | None: ...  # (y, (4, C) mean hi/lo, var, rstd)
+) -> tuple[np.ndarray, npt.NDArray[np.float64]] | None: ...  # (y, (5, C) mean hi/lo, var, rstd, mean)
 def moments_contig(
     x: object,                           # any object; only C-contiguous float arrays are taken
     axis: object,                        # None, int or tuple of ints (as numpy's)

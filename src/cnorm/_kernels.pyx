@@ -760,6 +760,16 @@ cdef extern from "_apply_simd.h" nogil:
     void cn_apply_rows_percol_f64(const void *x, void *y, Py_ssize_t R, Py_ssize_t L,
                                   const double *mh, const double *ml, const double *rs,
                                   const double *w, const double *b, int relu, int stream)
+    void cn_apply_rows_perrow_f32(const void *x, void *y, Py_ssize_t r0, Py_ssize_t r1,
+                                  Py_ssize_t L, const double *mh, const double *ml,
+                                  const double *rs, Py_ssize_t smod, const double *w,
+                                  const double *b, Py_ssize_t pmod, Py_ssize_t pmul, int relu,
+                                  int stream)
+    void cn_apply_rows_perrow_f64(const void *x, void *y, Py_ssize_t r0, Py_ssize_t r1,
+                                  Py_ssize_t L, const double *mh, const double *ml,
+                                  const double *rs, Py_ssize_t smod, const double *w,
+                                  const double *b, Py_ssize_t pmod, Py_ssize_t pmul, int relu,
+                                  int stream)
     void cn_store_fence()
 
 cdef extern from "_apply_h32.h" nogil:
@@ -817,6 +827,22 @@ cdef inline void apply_rows_percol(const src_t* x, src_t* y, Py_ssize_t R, Py_ss
         cn_apply_rows_percol_f32(x, y, R, L, mh, ml, rs, w, b, relu, stream)
     elif src_t is double:
         cn_apply_rows_percol_f64(x, y, R, L, mh, ml, rs, w, b, relu, stream)
+
+
+cdef inline void apply_rows_perrow(const src_t* x, src_t* y, Py_ssize_t r0, Py_ssize_t r1,
+                                   Py_ssize_t L, const double* mh, const double* ml,
+                                   const double* rs, Py_ssize_t smod, const double* w,
+                                   const double* b, Py_ssize_t pmod, Py_ssize_t pmul, bint relu,
+                                   bint stream) noexcept nogil:
+    """NCHW planes back to back, rows [r0, r1): statistics per row (index r % smod),
+    one parameter per row (index (r % pmod) * pmul), one vector loop over the rows
+    (_apply_simd.h; float32 and float64)."""
+    if src_t is float:
+        cn_apply_rows_perrow_f32(x, y, r0, r1, L, mh, ml, rs, smod, w, b, pmod, pmul, relu,
+                                 stream)
+    elif src_t is double:
+        cn_apply_rows_perrow_f64(x, y, r0, r1, L, mh, ml, rs, smod, w, b, pmod, pmul, relu,
+                                 stream)
 
 
 DEF MODE_LAYER = 0   # centre by the mean, scale by 1/sqrt(var + eps)
@@ -998,6 +1024,22 @@ cdef void scale_rows_run(const src_t* x, src_t* y, Py_ssize_t R, Py_ssize_t L, P
             apply_rows_percol(<const src_t*>(<const char*>x + r0 * rowbytes),
                               <src_t*>(<char*>y + r0 * rowbytes), r1 - r0, L, mh, ml, rs, w, b,
                               act == ACT_RELU, stream, hp)
+            if stream:
+                cn_store_fence()
+        return
+    if (not sper and psub == L and L > 1 and xrs == rowbytes and yrs == rowbytes
+            and (act == ACT_NONE or act == ACT_RELU) and src_t is not uint16_t):
+        # NCHW planes back to back (batch / group / instance norm): scale_row's call
+        # for each row, one loop over a thread's rows without its per-row divisions
+        if nt == 1:
+            apply_rows_perrow(x, y, 0, R, L, mh, ml, rs, smod, w, b, pmod, pmul,
+                              act == ACT_RELU, stream)
+            if stream:
+                cn_store_fence()
+            return
+        for t in prange(nt, nogil=True, num_threads=nt, schedule='static'):
+            apply_rows_perrow(x, y, t * R // nt, (t + 1) * R // nt, L, mh, ml, rs, smod, w, b,
+                              pmod, pmul, act == ACT_RELU, stream)
             if stream:
                 cn_store_fence()
         return

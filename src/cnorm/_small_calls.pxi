@@ -121,8 +121,11 @@ def norm_rows_contig(object x, object out, double eps, int mode, object weight, 
     is bitwise the same.  ``nthreads``: the thread count the caller resolved
     (results do not depend on it).  Returns the output, or None when the call
     is not eligible: the caller then runs the general path.  With
-    ``want_stats``: ``(y, mean, var)``, the float64 mean and biased variance of
-    each row (shape ``(R,)``) as the general path's ``_fused_rows`` returns them.
+    ``want_stats``: ``(y, mean, rstd)``, float64 of shape ``(R,)``: what the
+    general path returns from its ``_fused_rows`` statistics (the row mean and
+    ``1 / sqrt(var + eps)`` of the biased variance; group and instance norm: the
+    mean plus 0.0 where finite, the general path's ``_mean(mean, 0)``), computed
+    here by the same IEEE operations.
     """
     cdef int typenum = float_input(x, 2 if groups else 1, -1)
     if typenum < 0 or groups < 0:
@@ -194,7 +197,12 @@ def norm_rows_contig(object x, object out, double eps, int mode, object weight, 
                         &b[0], psub, pmod, pmul, ACT_NONE, mean, var, nthreads)
     if owned:
         free(mean)
+    cdef Py_ssize_t i
     if want_stats:
+        for i in range(R):
+            var[i] = 1.0 / sqrt(var[i] + eps)
+            if groups and isfinite(mean[i]):
+                mean[i] = mean[i] + 0.0   # as _mean(mean, 0) (-0.0 -> +0.0; the kernel gives +0.0)
         return ya, mean_a, var_a
     return ya
 
@@ -365,10 +373,11 @@ def batch_norm_contig(object x, object out, bint channels_last, double eps, obje
     plan) and the output pass is the general path's ``scale_rows`` call, so the
     result is bitwise the same.  ``nthreads``: as in ``moments_contig``.
 
-    Returns ``(y, stats)`` with ``stats`` float64 of shape (4, C): per channel
+    Returns ``(y, stats)`` with ``stats`` float64 of shape (5, C): per channel
     the mean as a double-double (high, low), the biased variance (from which
-    the caller updates running statistics) and ``1 / sqrt(var + eps)``; or
-    None when the call is not eligible.
+    the caller updates running statistics), ``1 / sqrt(var + eps)`` and the
+    mean as one double (``high + low`` where finite, else ``high``: the general
+    path's ``_mean``); or None when the call is not eligible.
     """
     cdef int typenum = float_input(x, 2, MAX_DIMS)
     if typenum < 0:
@@ -410,13 +419,14 @@ def batch_norm_contig(object x, object out, bint channels_last, double eps, obje
     cdef const double[::1] b = b1
     cdef cnp.ndarray ya = <cnp.ndarray>y
     cdef cnp.npy_intp sdims[2]
-    sdims[0] = 4
+    sdims[0] = 5
     sdims[1] = C
     cdef cnp.ndarray stats = cnp.PyArray_EMPTY(2, sdims, cnp.NPY_FLOAT64, 0)
     cdef double* mh = <double*>cnp.PyArray_DATA(stats)
     cdef double* ml = mh + C
     cdef double* var = mh + 2 * C
     cdef double* rs = mh + 3 * C
+    cdef double* mean = mh + 4 * C
     cdef State* st = <State*>calloc(C, sizeof(State))
     if st == NULL:
         raise MemoryError()
@@ -433,6 +443,7 @@ def batch_norm_contig(object x, object out, bint channels_last, double eps, obje
         for i in range(C):
             state_norm_stats(&st[i], &mh[i], &ml[i], &var[i])
             rs[i] = 1.0 / sqrt(var[i] + eps)
+            mean[i] = mh[i] + ml[i] if isfinite(mh[i]) else mh[i]
         free(st)
         if typenum == cnp.NPY_FLOAT64:
             scale_rows_t(<const double*>xp, <double*>yp, R, L, rowbytes, rowbytes, mh, ml, rs,

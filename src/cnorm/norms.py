@@ -275,9 +275,9 @@ def _small_call(x, axis, out, eps, mode, weight, bias, activation, return_stats,
         done = _rows_entry(x, out, eps, mode, weight, bias, 0, return_stats, num_threads)
         if done is None or not return_stats:
             return done
-        y, mean, var = done   # the general path's statistics of its _fused_rows call
+        y, mean, rs = done   # what the general path returns from its _fused_rows call
         keep = x.shape[:-1] + (1,)
-        rs = _rstd(var, eps).reshape(keep)
+        rs = rs.reshape(keep)
         return (y, rs) if mode == 1 else (y, mean.reshape(keep), rs)
     return None
 
@@ -299,9 +299,7 @@ def _small_group_call(x, groups, axis, out, eps, weight, bias, activation, retur
     done = _rows_entry(x, out, eps, 0, weight, bias, groups, return_stats, num_threads)
     if done is None or not return_stats:
         return done
-    y, mean, var = done   # per (sample, group) row, as the general path's _fused_rows
-    mean = _mean(mean, np.zeros(mean.shape))   # what the general path returns from them
-    rs = _rstd(var, eps)
+    y, mean, rs = done   # per (sample, group) row: what the general path returns
     if per_channel:   # instance norm: (N, C, 1, ...)
         kshape = x.shape[:2] + (1,) * (x.ndim - 2)
         return y, mean.reshape(kshape), rs.reshape(kshape)
@@ -521,12 +519,12 @@ def _small_batch_norm(x, weight, bias, axis, running_mean, running_var, training
     y, stats = done
     if running_mean is not None or running_var is not None:
         n = x.size // C
-        _update_running(running_mean, running_var, _mean(stats[0], stats[1]),
-                        stats[2] * (n / (n - 1)), momentum)
-    if return_stats:   # the general path's keepdims statistics from the same numbers
+        _update_running(running_mean, running_var, stats[4], stats[2] * (n / (n - 1)),
+                        momentum)
+    if return_stats:   # the general path's keepdims statistics (_mean, _rstd) from the entry
         c_ax = x.ndim - 1 if channels_last else 1
         keep = tuple(C if i == c_ax else 1 for i in range(x.ndim))
-        return y, _mean(stats[0], stats[1]).reshape(keep), _rstd(stats[2], eps).reshape(keep)
+        return y, stats[4].reshape(keep), stats[3].reshape(keep)
     return y
 
 
