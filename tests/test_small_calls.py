@@ -411,6 +411,7 @@ CHANNEL_BACKWARD_CASES = [
     ("batch", (32, 64, 4, 4), None, True), ("instance", (4, 6, 1, 1), None, False),
     ("batch", (4, 64, 24, 24), None, True), ("batch", (300, 700), None, True),   # threads
     ("batch", (64, 40, 8, 8), None, True), ("instance", (4, 64, 24, 24), None, True),
+    ("batch", (70000, 2), None, True), ("batch", (5000, 2, 4, 4), None, True),   # chunks
     ("group", (4, 64, 24, 24), 8, True),
     ("instance", (4, 6, 5, 7), None, True), ("instance", (2, 3, 100), None, True),
     ("instance", (3, 64, 4, 4), None, True),
@@ -741,3 +742,31 @@ def test_momentum_is_checked_without_running_statistics(name, bad, rng):
     x = _data((6, 4, 5, 5), np.float32, rng)
     with pytest.raises((TypeError, ValueError), match="momentum"):
         getattr(cnorm, name)(x, momentum=bad)
+
+
+@pytest.mark.parametrize("case", ["1-d", "empty", "stats length", "dtype", "weight dtype",
+                                  "strided dy"])
+def test_batch_cells_entry_refuses_what_it_cannot_read(isa, case):
+    """The Cython entry the small batch norm backward calls checks its arrays itself
+    (a ValueError, never a read out of bounds)."""
+    mod = _config.family("_backward")
+    x = np.ones((4, 3, 2), np.float32)
+    args = {"x": x, "dy": x.copy(), "dx": np.empty_like(x), "mean": np.zeros(3),
+            "rstd": np.ones(3), "w": None}
+    if case == "1-d":
+        args.update(x=np.ones(3, np.float32), dy=np.ones(3, np.float32),
+                    dx=np.ones(3, np.float32))
+    elif case == "empty":
+        args.update(x=np.ones((0, 3), np.float32), dy=np.ones((0, 3), np.float32),
+                    dx=np.ones((0, 3), np.float32))
+    elif case == "stats length":
+        args["rstd"] = np.ones(4)
+    elif case == "dtype":
+        args["dy"] = x.astype(np.float64)
+    elif case == "weight dtype":
+        args["w"] = np.ones(3, np.float32)
+    else:
+        args["dy"] = np.ones((4, 3, 4), np.float32)[..., ::2]
+    with pytest.raises(ValueError, match="batch_cells_backward"):
+        mod.batch_cells_backward(args["x"], args["dy"], args["dx"], args["mean"], args["rstd"],
+                                 args["w"], None, True, False, 1)

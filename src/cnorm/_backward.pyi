@@ -72,3 +72,15 @@ def dx_4d(
     pstrides: Sequence[int],    # element strides, inner 0 or 1
     act: int, nthreads: int,
 ) -> None: ...
+def batch_cells_backward(
+    x: np.ndarray,              # cnp.ndarray: C-contiguous (N, C, ...) float16/32/64
+    dy: np.ndarray,             # cnp.ndarray: like x
+    dx: np.ndarray,             # cnp.ndarray: like x, written
+    mean: F64,                  # const double[::1] (C,)
+    rstd: F64,                  # const double[::1] (C,)
+    w: F64 | None,              # None or float64 C-contiguous (C,)
+    b: F64 | None,              # None or float64 C-contiguous (C,)
+    training: bool,             # bint: batch statistics (else running: dx = w*gv*rstd)
+    refine: bool,               # bint: add mean(x - mean) to the mean (float64 data)
+    nthreads: int,              # int
+) -> tuple[F64, F64]: ...       # per channel (Σ gv*xhat, Σ gv); bitwise the per-cell path

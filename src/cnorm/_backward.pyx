@@ -32,7 +32,7 @@ Arithmetic is float64 throughout; results are rounded once to the output
 dtype (float16 through float32, like the forward pass).
 """
 from libc.stdint cimport uint16_t
-from libc.stdlib cimport malloc, free
+from libc.stdlib cimport malloc, calloc, free
 from cython.parallel cimport prange
 cimport numpy as cnp
 
@@ -1768,3 +1768,161 @@ def dx_4d(cnp.ndarray x, Py_ssize_t xoff, cnp.ndarray dy, Py_ssize_t dyoff, cnp.
         else:
             dx_nd(xp, dp, op, pmh, pml, prs, pa, pbb, pw, pb, sh, xs, ds, os, ss, ps, act, mlz,
                   nthreads, <const uint16_t*>NULL)
+
+
+# ---------------------------------------------------------------- the batch norm entry
+cdef cnp.ndarray _channel_param(object p, Py_ssize_t C, double fill):
+    """A float64 C-contiguous (C,) parameter: ``p`` itself, or ``fill`` everywhere for None."""
+    cdef cnp.npy_intp cdim = C
+    cdef cnp.ndarray a
+    cdef Py_ssize_t i
+    if p is None:
+        a = cnp.PyArray_EMPTY(1, &cdim, cnp.NPY_FLOAT64, 0)
+        for i in range(C):
+            (<double*>cnp.PyArray_DATA(a))[i] = fill
+        return a
+    if (type(p) is not cnp.ndarray or cnp.PyArray_TYPE(<cnp.ndarray>p) != cnp.NPY_FLOAT64
+            or cnp.PyArray_NDIM(<cnp.ndarray>p) != 1 or cnp.PyArray_DIM(<cnp.ndarray>p, 0) != C
+            or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>p)):
+        raise ValueError("batch_cells_backward: weight and bias must be None or float64 "
+                         "C-contiguous arrays of the channel count")
+    return <cnp.ndarray>p
+
+
+def batch_cells_backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray dx, const double[::1] mean,
+                         const double[::1] rstd, object w, object b, bint training,
+                         bint refine, int nthreads):
+    """Batch norm backward of C-contiguous ``(N, C, ...)`` x and dy (one float dtype,
+    no activation) by the per-cell pass, with nothing but C between the call and the
+    kernels: ``cells_reduce`` and ``dx_4d`` with the plans ``backward._plan_cells``
+    and ``_axes.plan_elementwise`` make for this layout, and the float64 steps of
+    ``backward._cells_backward`` between them in the same order (NumPy's empty-axis
+    and axis-0 sums add to +0.0 first: so do these), so the results are bitwise the
+    general path's.
+
+    ``mean``/``rstd`` per channel (C,); ``w``/``b`` None or float64 (C,) arrays;
+    ``refine``: add the mean of ``(x - mean)`` (float64 data in training).  Writes
+    ``dx`` (C-contiguous, x's dtype) and returns ``(Σ gv*xhat, Σ gv)`` per channel,
+    float64 (C,).  The caller checks the arrays (``backward._small_channel_backward``).
+    """
+    cdef Py_ssize_t size = cnp.PyArray_SIZE(x)
+    if cnp.PyArray_NDIM(x) < 2 or size == 0:
+        raise ValueError("batch_cells_backward: x must be a non-empty (N, C, ...) array")
+    cdef Py_ssize_t N = cnp.PyArray_DIM(x, 0), C = cnp.PyArray_DIM(x, 1)
+    cdef Py_ssize_t HW = size // (N * C), it = cnp.PyArray_ITEMSIZE(x)
+    cdef Py_ssize_t n = N * HW, i, k, nchunks, per
+    cdef Py_ssize_t sh[4]
+    cdef Py_ssize_t xs[4]
+    cdef Py_ssize_t dsh[4]
+    cdef Py_ssize_t dxs[4]
+    cdef Py_ssize_t ss[4]
+    cdef int cx
+    if (mean.shape[0] != C or rstd.shape[0] != C or cnp.PyArray_TYPE(dy) != cnp.PyArray_TYPE(x)
+            or cnp.PyArray_TYPE(dx) != cnp.PyArray_TYPE(x) or cnp.PyArray_SIZE(dy) != size
+            or cnp.PyArray_SIZE(dx) != size or not cnp.PyArray_IS_C_CONTIGUOUS(x)
+            or not cnp.PyArray_IS_C_CONTIGUOUS(dy) or not cnp.PyArray_IS_C_CONTIGUOUS(dx)):
+        raise ValueError("batch_cells_backward: x, dy, dx must be C-contiguous arrays of one "
+                         "dtype and size, mean and rstd of the channel count")
+    _dtype_code(x, &cx)
+    cdef cnp.npy_intp cdim = C
+    cdef cnp.ndarray wc = _channel_param(w, C, 1.0)
+    cdef cnp.ndarray bc = _channel_param(b, C, 0.0)
+    cdef cnp.ndarray sgx = cnp.PyArray_EMPTY(1, &cdim, cnp.NPY_FLOAT64, 0)
+    cdef cnp.ndarray sg = cnp.PyArray_EMPTY(1, &cdim, cnp.NPY_FLOAT64, 0)
+    cdef double* pw = <double*>cnp.PyArray_DATA(wc)
+    cdef double* pb = <double*>cnp.PyArray_DATA(bc)
+    cdef double* s2 = <double*>cnp.PyArray_DATA(sgx)
+    cdef double* s1 = <double*>cnp.PyArray_DATA(sg)
+    # _plan_cells: one cell per channel; C == 1 reduces everything as one inner run,
+    # HW == 1 (after size-1 axes) gives the column form (R0 == 1)
+    for i in range(4):
+        sh[i] = 1
+        xs[i] = 0
+    if C == 1:
+        sh[3] = size
+        xs[3] = it
+    else:
+        sh[1], sh[2], sh[3] = N, C, HW
+        xs[1], xs[2], xs[3] = C * HW * it, HW * it, (it if HW > 1 else 0)
+    per = sh[1] * (sh[3] if sh[3] > 1 else sh[2])
+    nchunks = max(1, min(sh[1], (per + 65535) // 65536, max(1, (1 << 22) // C)))
+    cdef double* buf = <double*>calloc(nchunks * C * 3 + 3 * C, sizeof(double))
+    if buf == NULL:
+        raise MemoryError()
+    cdef double* out = buf
+    cdef double* ml = buf + nchunks * C * 3
+    cdef double* a = ml + C
+    cdef double* bb = a + C
+    cdef double tot[3]
+    cdef Py_ssize_t c
+    cdef const char* xp = <const char*>cnp.PyArray_DATA(x)
+    cdef const char* dp = <const char*>cnp.PyArray_DATA(dy)
+    cdef char* op = <char*>cnp.PyArray_DATA(dx)
+    cdef double t, delta
+    cdef int res = 0
+    cdef bint mlz = True
+    with nogil:
+        if cx == 2:
+            res = cells_nd(xp, dp, sh, xs, xs, 0, 1 if C > 1 else 0, 0, &mean[0], ml, &rstd[0],
+                           pw, pb, out, nchunks, C, ACT_NONE, True, nthreads,
+                           <const double*>NULL)
+        elif cx == 1:
+            res = cells_nd(xp, dp, sh, xs, xs, 0, 1 if C > 1 else 0, 0, &mean[0], ml, &rstd[0],
+                           pw, pb, out, nchunks, C, ACT_NONE, True, nthreads,
+                           <const float*>NULL)
+        else:
+            res = cells_nd(xp, dp, sh, xs, xs, 0, 1 if C > 1 else 0, 0, &mean[0], ml, &rstd[0],
+                           pw, pb, out, nchunks, C, ACT_NONE, True, nthreads,
+                           <const uint16_t*>NULL)
+        if res == 0:
+            for i in range(C):   # out.sum(axis=0), then the steps of _cells_backward
+                for k in range(3):
+                    t = 0.0
+                    for c in range(nchunks):
+                        t = t + out[(c * C + i) * 3 + k]
+                    tot[k] = t
+                s1[i] = tot[1]
+                s2[i] = tot[2]
+                if refine:
+                    delta = (tot[0] + 0.0) / n
+                    s2[i] = s2[i] - delta * rstd[i] * s1[i]
+                    ml[i] = 0.0 + delta
+                    if ml[i] != 0.0:
+                        mlz = False
+                if training:
+                    a[i] = (pw[i] * s1[i] + 0.0) / n
+                    bb[i] = (pw[i] * s2[i] + 0.0) / n
+                else:
+                    a[i] = 0.0
+                    bb[i] = 0.0
+                s1[i] = s1[i] + 0.0
+                s2[i] = s2[i] + 0.0
+            # the dx plan (plan_elementwise): rows of HW per (n, c); HW == 1: rows of C
+            for i in range(4):
+                dsh[i] = 1
+                dxs[i] = 0
+                ss[i] = 0
+            if C == 1:
+                dsh[3] = size
+                dxs[3] = it
+            elif HW > 1:
+                dsh[1], dsh[2], dsh[3] = N, C, HW
+                dxs[1], dxs[2], dxs[3] = C * HW * it, HW * it, it
+                ss[2] = 1
+            else:
+                dsh[2], dsh[3] = N, C
+                dxs[2], dxs[3] = C * it, it
+                ss[3] = 1
+            if cx == 2:
+                dx_nd(xp, dp, op, &mean[0], ml, &rstd[0], a, bb, pw, pb, dsh, dxs, dxs, dxs, ss,
+                      ss, ACT_NONE, mlz, nthreads, <const double*>NULL)
+            elif cx == 1:
+                dx_nd(xp, dp, op, &mean[0], ml, &rstd[0], a, bb, pw, pb, dsh, dxs, dxs, dxs, ss,
+                      ss, ACT_NONE, mlz, nthreads, <const float*>NULL)
+            else:
+                dx_nd(xp, dp, op, &mean[0], ml, &rstd[0], a, bb, pw, pb, dsh, dxs, dxs, dxs, ss,
+                      ss, ACT_NONE, mlz, nthreads, <const uint16_t*>NULL)
+    free(buf)
+    if res < 0:
+        raise MemoryError("batch_cells_backward: could not allocate a column buffer")
+    return sgx, sg

@@ -666,15 +666,22 @@ def _small_rows_backward(dy, x, mean, rstd, weight, bias, axis, activation, out,
 
 def _small_batch_cells(mod, x, dy, mean, rstd, weight, bias, training, num_threads):
     """A small batch norm backward the rows kernel declines ((N, C) input, or segments
-    of H*W shorter than 64): the general path's per-cell pass called directly."""
+    of H*W shorter than 64): the general path's per-cell pass, planned and run in C
+    (``batch_cells_backward`` of the Cython kernels; the Numba backend: the per-cell
+    pass called directly)."""
     C = x.shape[1]
     param = (lambda p: None if p is None else np.ascontiguousarray(p, dtype=_F64))
     dx = np.empty_like(x)
     mh, rs, w, b = mean.reshape(C), rstd.reshape(C), param(weight), param(bias)
-    pw, pb = _config.run_entry(
-        lambda xx, nt: _cells_backward(xx, dy, dx, (1,), mh, rs, w, b, ACTIVATIONS[None], (), (),
-                                       training, training and x.dtype == _F64, mod, nt),
-        x, num_threads)
+    refine = training and x.dtype == _F64
+    if hasattr(mod, "batch_cells_backward"):
+        pw, pb = _config.run_entry(mod.batch_cells_backward, x, num_threads, dy, dx, mh, rs, w, b,
+                                   training, refine)
+    else:
+        pw, pb = _config.run_entry(
+            lambda xx, nt: _cells_backward(xx, dy, dx, (1,), mh, rs, w, b, ACTIVATIONS[None], (),
+                                           (), training, refine, mod, nt),
+            x, num_threads)
     return dx, _small_grad(pw, weight), _small_grad(pb, bias)
 
 
