@@ -1028,9 +1028,17 @@ cdef void scale_rows_run(const src_t* x, src_t* y, Py_ssize_t R, Py_ssize_t L, P
                 cn_store_fence()
         return
     if (not sper and psub == L and L > 1 and xrs == rowbytes and yrs == rowbytes
-            and (act == ACT_NONE or act == ACT_RELU) and src_t is not uint16_t):
+            and (act == ACT_NONE or act == ACT_RELU) and (src_t is not uint16_t or hp != NULL)):
         # NCHW planes back to back (batch / group / instance norm): scale_row's call
         # for each row, one loop over a thread's rows without its per-row divisions
+        if src_t is uint16_t:
+            if nt == 1:
+                h32_rows_perrow(x, y, 0, R, L, mh, ml, rs, smod, w, b, pmod, pmul, act, hp)
+                return
+            for t in prange(nt, nogil=True, num_threads=nt, schedule='static'):
+                h32_rows_perrow(x, y, t * R // nt, (t + 1) * R // nt, L, mh, ml, rs, smod, w, b,
+                                pmod, pmul, act, hp)
+            return
         if nt == 1:
             apply_rows_perrow(x, y, 0, R, L, mh, ml, rs, smod, w, b, pmod, pmul,
                               act == ACT_RELU, stream)
@@ -1117,6 +1125,33 @@ cdef void scale_row(const src_t* x, src_t* y, Py_ssize_t L, Py_ssize_t r,
                 if act != ACT_NONE:
                     activate(buf, m, act)
                 store_chunk(<char*>(y + j * psub + i0), sizeof(src_t), m, buf, x)
+
+
+cdef void h32_rows_perrow(const uint16_t* x, uint16_t* y, Py_ssize_t r0, Py_ssize_t r1,
+                          Py_ssize_t L, const double* mh, const double* ml, const double* rs,
+                          Py_ssize_t smod, const double* w, const double* b, Py_ssize_t pmod,
+                          Py_ssize_t pmul, int act, const cn_h32_prep* hp) noexcept nogil:
+    """Float16 NCHW planes back to back, rows [r0, r1), one parameter per row: the calls
+    scale_row_h32 makes for such rows (psub == L) without its per-row divisions; a row
+    whose statistics are outside the float32 range goes through scale_row (its
+    per-element loop), as there."""
+    cdef Py_ssize_t r, si = r0 % smod, pi = r0 % pmod, pbase
+    cdef float m0, m1, q0
+    for r in range(r0, r1):
+        pbase = pi * pmul
+        if cn_h32_stats(mh[si], ml[si], rs[si], &m0, &m1, &q0):
+            cn_apply_row_h32(x + r * L, y + r * L, L, &m0, &m1, &q0, False, hp.w + pbase,
+                             hp.b + pbase, False, w[pbase] == 1.0 and b[pbase] == 0.0,
+                             act == ACT_RELU)
+        else:
+            scale_row(x + r * L, y + r * L, L, r, mh, ml, rs, smod, False, w, b, L, pmod, pmul,
+                      act, False, hp)
+        si += 1
+        if si == smod:
+            si = 0
+        pi += 1
+        if pi == pmod:
+            pi = 0
 
 
 cdef bint scale_row_h32(const uint16_t* x, uint16_t* y, Py_ssize_t L, Py_ssize_t r,
