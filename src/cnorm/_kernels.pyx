@@ -1085,7 +1085,7 @@ cdef void scale_row(const src_t* x, src_t* y, Py_ssize_t L, Py_ssize_t r,
     cdef Py_ssize_t i0, m, j, nsub, pbase = (r % pmod) * pmul, si = r % smod
     if src_t is uint16_t:
         if (hp != NULL and (act == ACT_NONE or act == ACT_RELU)
-                and scale_row_h32(x, y, L, r, mh, ml, rs, smod, sper, w, b, psub, pmod, pmul,
+                and scale_row_h32(x, y, L, si, pbase, mh, ml, rs, sper, w, b, psub,
                                   act == ACT_RELU, hp)):
             return
     elif act == ACT_NONE or act == ACT_RELU:
@@ -1131,19 +1131,14 @@ cdef void h32_rows_perrow(const uint16_t* x, uint16_t* y, Py_ssize_t r0, Py_ssiz
                           Py_ssize_t L, const double* mh, const double* ml, const double* rs,
                           Py_ssize_t smod, const double* w, const double* b, Py_ssize_t pmod,
                           Py_ssize_t pmul, int act, const cn_h32_prep* hp) noexcept nogil:
-    """Float16 NCHW planes back to back, rows [r0, r1), one parameter per row: the calls
-    scale_row_h32 makes for such rows (psub == L) without its per-row divisions; a row
-    whose statistics are outside the float32 range goes through scale_row (its
-    per-element loop), as there."""
-    cdef Py_ssize_t r, si = r0 % smod, pi = r0 % pmod, pbase
-    cdef float m0, m1, q0
+    """Float16 NCHW planes back to back, rows [r0, r1), one parameter per row: scale_row's
+    scale_row_h32 call for each row without its per-row divisions; a row whose
+    statistics are outside the float32 range goes through scale_row (its per-element
+    loop), as there."""
+    cdef Py_ssize_t r, si = r0 % smod, pi = r0 % pmod
     for r in range(r0, r1):
-        pbase = pi * pmul
-        if cn_h32_stats(mh[si], ml[si], rs[si], &m0, &m1, &q0):
-            cn_apply_row_h32(x + r * L, y + r * L, L, &m0, &m1, &q0, False, hp.w + pbase,
-                             hp.b + pbase, False, w[pbase] == 1.0 and b[pbase] == 0.0,
-                             act == ACT_RELU)
-        else:
+        if not scale_row_h32(x + r * L, y + r * L, L, si, pi * pmul, mh, ml, rs, False, w, b, L,
+                             act == ACT_RELU, hp):
             scale_row(x + r * L, y + r * L, L, r, mh, ml, rs, smod, False, w, b, L, pmod, pmul,
                       act, False, hp)
         si += 1
@@ -1154,17 +1149,18 @@ cdef void h32_rows_perrow(const uint16_t* x, uint16_t* y, Py_ssize_t r0, Py_ssiz
             pi = 0
 
 
-cdef bint scale_row_h32(const uint16_t* x, uint16_t* y, Py_ssize_t L, Py_ssize_t r,
-                        const double* mh, const double* ml, const double* rs, Py_ssize_t smod,
-                        bint sper, const double* w, const double* b, Py_ssize_t psub,
-                        Py_ssize_t pmod, Py_ssize_t pmul, bint relu,
+cdef bint scale_row_h32(const uint16_t* x, uint16_t* y, Py_ssize_t L, Py_ssize_t si,
+                        Py_ssize_t pbase, const double* mh, const double* ml, const double* rs,
+                        bint sper, const double* w, const double* b, Py_ssize_t psub, bint relu,
                         const cn_h32_prep* hp) noexcept nogil:
     """scale_row's vector loops for a float16 row, in float32 (_apply_h32.h), with
     the float32 parameters (and per-element statistics when ``sper``) of ``hp``;
-    the same choices of loop as apply_row.  False when this row's statistics are
-    outside the float32 range: the caller then takes the per-element loop."""
+    the same choices of loop as apply_row.  ``si``: the row's statistics index,
+    ``pbase``: its first parameter (scale_row's ``r % smod``, ``(r % pmod) * pmul``).
+    False when this row's statistics are outside the float32 range: the caller
+    then takes the per-element loop."""
     cdef float m0, m1, r0
-    cdef Py_ssize_t j, pbase = (r % pmod) * pmul, si = r % smod
+    cdef Py_ssize_t j
     if sper:
         cn_apply_row_h32(x, y, L, hp.m0, hp.m1, hp.r0, True, hp.w + pbase, hp.b + pbase,
                          psub == 1, False, relu)
