@@ -24,8 +24,8 @@ for f in /usr/lib/valgrind/python3.supp /usr/lib/x86_64-linux-gnu/valgrind/pytho
 done
 
 if [ $# -eq 0 ]; then
-    set -- tests/test_moments_precision.py tests/test_small_calls.py -x -q -p no:cacheprovider \
-        -k "(cython and not slow and (test_zero_dim or test_n_equals_1 or test_n_equals_2 or test_nan_and_inf_confined or test_random_strides_and_axes)) or test_special_values_stay_in_their_row or test_small_moments_nan_and_ddof or ((test_small_backward_is_bitwise or test_small_channel_backward_is_bitwise) and avx2 and float32 and both) or ((test_small_batch_norm_is_bitwise or test_small_moments_are_bitwise) and avx2 and float32) or test_special_values_stay_in_their_channel"
+    set -- tests/test_moments_precision.py tests/test_small_calls.py tests/test_row_groups.py -x -q -p no:cacheprovider \
+        -k "(cython and not slow and (test_zero_dim or test_n_equals_1 or test_n_equals_2 or test_nan_and_inf_confined or test_random_strides_and_axes)) or test_special_values_stay_in_their_row or test_small_moments_nan_and_ddof or ((test_small_backward_is_bitwise or test_small_channel_backward_is_bitwise) and avx2 and float32 and both) or ((test_small_batch_norm_is_bitwise or test_small_moments_are_bitwise) and avx2 and float32) or test_special_values_stay_in_their_channel or (test_grouped_rows_are_bitwise and special and avx2)"
 fi
 
 RCFILE=$(mktemp /tmp/cnorm-memcheck-rc.XXXXXX)

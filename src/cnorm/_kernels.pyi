@@ -94,5 +94,6 @@ def moments_contig(
 def prefault_output(y: np.ndarray, nthreads: int) -> None: ...   # fault in a new output's pages
 # (one thread, before nthreads > 1 threads write it; outputs of 32 MiB and more)
 def set_stream_threshold(nbytes: int) -> int: ...   # outputs >= nbytes use streaming stores
+def set_row_groups(on: bool) -> bool: ...   # short float64 rows: grouped statistics (the same bits)
 def set_f32_vector_bits(bits: int) -> int: ...   # float32 loops in 256/512-bit vectors (AVX-512)
 def f32_vector_bits() -> int: ...

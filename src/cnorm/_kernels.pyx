@@ -890,6 +890,57 @@ cdef void norm_row(const src_t* x, src_t* y, Py_ssize_t L, Py_ssize_t r, double 
     scale_row(x, y, L, r, &mh, &ml, &rs, 1, False, w, b, psub, pmod, pmul, act, stream, hp)
 
 
+cdef extern from "_rows_dd.h" nogil:
+    enum: CN_VW   # doubles per native vector: the rows of one cn_rows_dd_f64 group
+    int cn_rows_dd_f64(const double *x, Py_ssize_t xrs, int g, Py_ssize_t n, int rms, double eps,
+                       Py_ssize_t pf, double *mh, double *ml, double *rs, double *mean,
+                       double *var)
+
+
+# float64 rows shorter than BLOCK: statistics CN_VW rows at a time (norm_rows_dd);
+# set_row_groups(False) keeps them row by row, the same bits (the tests compare both)
+cdef bint row_groups = True
+
+
+def set_row_groups(bint on):
+    """Whether short float64 rows take the grouped statistics (the same results);
+    returns the previous setting."""
+    global row_groups
+    cdef bint old = row_groups
+    row_groups = on
+    return old
+
+
+cdef void norm_rows_dd(const double* x, double* y, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t L,
+                       Py_ssize_t xrs, Py_ssize_t yrs, double eps, int mode, const double* w,
+                       const double* b, Py_ssize_t psub, Py_ssize_t pmod, Py_ssize_t pmul,
+                       int act, double* mean, double* var, bint stream,
+                       Py_ssize_t pf) noexcept nogil:
+    """norm_row for float64 rows r0..r1-1 of L < BLOCK elements (one block each):
+    the statistics of CN_VW rows at a time in vectors across the rows
+    (_rows_dd.h, the same bits), then each row's apply pass.  Rows with inf or
+    NaN take norm_row."""
+    cdef double mh[CN_VW]
+    cdef double ml[CN_VW]
+    cdef double rs[CN_VW]
+    cdef Py_ssize_t r = r0, j
+    cdef int g, bad
+    while r < r1:
+        g = <int>min(<Py_ssize_t>CN_VW, r1 - r)
+        bad = cn_rows_dd_f64(<const double*>(<const char*>x + r * xrs), xrs, g, L,
+                             mode != MODE_LAYER, eps, pf, mh, ml, rs, &mean[r], &var[r])
+        for j in range(g):
+            if (bad >> j) & 1:
+                norm_row(<const double*>(<const char*>x + (r + j) * xrs),
+                         <double*>(<char*>y + (r + j) * yrs), L, r + j, eps, mode, w, b, psub,
+                         pmod, pmul, act, &mean[r + j], &var[r + j], stream, pf, NULL)
+            else:
+                scale_row(<const double*>(<const char*>x + (r + j) * xrs),
+                          <double*>(<char*>y + (r + j) * yrs), L, r + j, &mh[j], &ml[j], &rs[j],
+                          1, False, w, b, psub, pmod, pmul, act, stream, NULL)
+        r += g
+
+
 cdef inline Py_ssize_t param_extent(Py_ssize_t L, Py_ssize_t psub, Py_ssize_t pmod,
                                     Py_ssize_t pmul) noexcept nogil:
     """How many parameters the rows read: w[(r % pmod) * pmul + i] (i < L, or
@@ -925,6 +976,19 @@ cdef void norm_rows_run(const src_t* x, src_t* y, Py_ssize_t R, Py_ssize_t L, Py
     cdef Py_ssize_t pf = CN_PF_AHEAD if xrs == L * <Py_ssize_t>sizeof(src_t) else 0
     # each thread takes one contiguous range of rows and fences its streaming
     # stores at the end (a fence per row would stall on every short row)
+    if src_t is double and L < BLOCK and row_groups:
+        if nt == 1:
+            norm_rows_dd(x, y, 0, R, L, xrs, yrs, eps, mode, w, b, psub, pmod, pmul, act, mean,
+                         var, stream, pf)
+            if stream:
+                cn_store_fence()
+            return
+        for t in prange(nt, nogil=True, num_threads=nt, schedule='static'):
+            norm_rows_dd(x, y, t * R // nt, (t + 1) * R // nt, L, xrs, yrs, eps, mode, w, b,
+                         psub, pmod, pmul, act, mean, var, stream, pf)
+            if stream:
+                cn_store_fence()
+        return
     if nt == 1:
         for r in range(R):
             norm_row(<const src_t*>(<const char*>x + r * xrs), <src_t*>(<char*>y + r * yrs), L, r,

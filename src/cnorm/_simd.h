@@ -499,10 +499,11 @@ static inline void cn_dd_tree16(cn_vd *h, cn_vd *l, double *H, double *L) {
     h2 = t_;                                                                     \
 } while (0)
 
-static inline void cn_centred_f64(const double *__restrict p, ptrdiff_t n, double c,
-                                  double *s1h, double *s1l, double *s2h, double *s2l,
-                                  ptrdiff_t pf) {
-    cn_vd h1[CN_NV], l1[CN_NV], h2[CN_NV], l2[CN_NV];
+/* The vector steps of cn_centred_f64: elements [0, n - n % 16) into the 16
+ * lanes (h1, l1, h2, l2), which start at zero; returns n - n % 16. */
+static inline __attribute__((always_inline)) ptrdiff_t cn_centred_f64_lanes(
+        const double *__restrict p, ptrdiff_t n, double c, cn_vd *h1, cn_vd *l1, cn_vd *h2,
+        cn_vd *l2, ptrdiff_t pf) {
     const cn_vd cv = cn_vsplat(c), two = cn_vsplat(2.0);
     for (int k = 0; k < CN_NV; k++) h1[k] = l1[k] = h2[k] = l2[k] = cn_vsplat(0.0);
     ptrdiff_t i, nv = n - n % 16;
@@ -512,6 +513,14 @@ static inline void cn_centred_f64(const double *__restrict p, ptrdiff_t n, doubl
             cn_vd x = cn_vld_f64(p + i + k * CN_VW);
             CN_DD_LANE_STEP(x, h1[k], l1[k], h2[k], l2[k]);
         }
+    return nv;
+}
+
+static inline void cn_centred_f64(const double *__restrict p, ptrdiff_t n, double c,
+                                  double *s1h, double *s1l, double *s2h, double *s2l,
+                                  ptrdiff_t pf) {
+    cn_vd h1[CN_NV], l1[CN_NV], h2[CN_NV], l2[CN_NV];
+    ptrdiff_t i = cn_centred_f64_lanes(p, n, c, h1, l1, h2, l2, pf);
     if (i < n) {  /* tail into lane 0 (element 0 of vector 0), scalar cn_dd_add */
         double H1 = h1[0][0], L1 = l1[0][0], H2 = h2[0][0], L2 = l2[0][0];
         for (; i < n; i++) {

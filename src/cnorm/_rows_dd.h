@@ -1,0 +1,211 @@
+/* The statistics of short float64 rows, CN_VW rows at a time.
+ *
+ * A float64 row of the layers (layer/RMS/group/instance norm) shorter than
+ * one block (BLOCK = 4096 elements of _kernels.pyx) is one block: its
+ * statistics are cn_centred_f64 (16 double-double lanes, the tail into lane
+ * 0, the lane tree), block_state and the layer's finalize (norm_row).  After
+ * the vector loop every step of that is scalar and dependent on the one
+ * before: ~100 ns per row on AMD EPYC Zen 4, 3x the time of PyTorch's whole
+ * layer_norm on rows of 32 elements.  Here the vector loop runs row by row
+ * as before, and everything after it runs on vectors whose lane g is row g
+ * of the group: the same operations in the same order, so the same bits as
+ * the row-by-row path (-ffp-contract=off; cn_v_two_prod_err is lane by lane
+ * cn_two_prod_err).
+ *
+ * Rows whose shift c (the first element) or centred sum S1 is not finite take
+ * block_finish's other branch (inf or NaN data): cn_rows_dd_f64 reports them
+ * in a bit mask and the caller redoes those rows on the row-by-row path.
+ */
+#ifndef CNORM_ROWS_DD_H
+#define CNORM_ROWS_DD_H
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include <stddef.h>
+#include "_simd.h"
+
+typedef int64_t cn_rdi __attribute__((vector_size(CN_VW * 8)));
+
+/* lane by lane, the Cython helpers of _kernels.pyx */
+static inline void cn_rd_div_d(cn_vd ah, cn_vd al, cn_vd b, cn_vd *h, cn_vd *l) {   /* dd_div_d */
+    cn_vd q1 = ah / b;
+    cn_vd ph = q1 * b;
+    cn_vd pl = cn_v_two_prod_err(q1, b, ph);
+    cn_vd rh = ah - ph;
+    cn_vd rl = (al - pl);
+    cn_vd q2 = (rh + rl) / b;
+    cn_vd t = q1 + q2;
+    *l = q2 - (t - q1);
+    *h = t;
+}
+
+static inline void cn_rd_sq(cn_vd ah, cn_vd al, cn_vd *h, cn_vd *l) {            /* dd_sq */
+    const cn_vd two = cn_vsplat(2.0);
+    cn_vd p = ah * ah;
+    cn_vd e = cn_v_two_prod_err(ah, ah, p) + two * ah * al;
+    cn_vd t = p + e;
+    *l = e - (t - p);
+    *h = t;
+}
+
+static inline cn_vd cn_rd_select(cn_rdi mask, cn_vd a, cn_vd b) {   /* mask ? a : b */
+    return (cn_vd)(((cn_rdi)a & mask) | ((cn_rdi)b & ~mask));
+}
+
+static inline cn_rdi cn_rd_isfinite(cn_vd v) {
+    cn_rdi absmask;
+    for (int j = 0; j < CN_VW; j++) absmask[j] = INT64_MAX;
+    return (cn_vd)((cn_rdi)v & absmask) <= cn_vsplat(DBL_MAX);
+}
+
+static inline cn_vd cn_rd_sqrt(cn_vd v) {
+#if CN_VW == 8
+    return (cn_vd)_mm512_sqrt_pd((__m512d)v);
+#elif CN_VW == 4
+    return (cn_vd)_mm256_sqrt_pd((__m256d)v);
+#else
+    return (cn_vd)_mm_sqrt_pd((__m128d)v);
+#endif
+}
+
+/* In place, the CN_VW x CN_VW matrix of v[r][j] to v[j][r]: at stage s, rows
+ * r and r + s (bit s of r clear) swap the elements whose column has bit s
+ * set in one and clear in the other. */
+static inline __attribute__((always_inline)) void cn_rd_transpose(cn_vd *v) {
+#pragma GCC unroll 4
+    for (int s = 1; s < CN_VW; s *= 2) {
+        cn_rdi lo, hi;
+#pragma GCC unroll 8
+        for (int j = 0; j < CN_VW; j++) {
+            lo[j] = (j & s) ? CN_VW + j - s : j;
+            hi[j] = (j & s) ? CN_VW + j : j + s;
+        }
+#pragma GCC unroll 8
+        for (int r = 0; r < CN_VW; r++)
+            if (!(r & s)) {
+                cn_vd a = v[r], b = v[r | s];
+                v[r] = __builtin_shuffle(a, b, lo);
+                v[r | s] = __builtin_shuffle(a, b, hi);
+            }
+    }
+}
+
+/* Rows r < g (g <= CN_VW) of n elements (0 < n < 4096), row r at
+ * x + r * xrs bytes: the statistics norm_row computes for them.  Layer mode
+ * (rms == 0): mean[r], var[r] and the apply pass's (mh[r], ml[r], rs[r]);
+ * RMS mode: mean[r] = mh[r] = ml[r] = 0 and var[r] = mean(x**2).  pf: the
+ * vector loop's prefetch distance (cn_prefetch16).  Returns the mask of rows
+ * (bit r) whose c or S1 is not finite: their outputs are not written. */
+static int cn_rows_dd_f64(const double *x, ptrdiff_t xrs, int g, ptrdiff_t n, int rms,
+                          double eps, ptrdiff_t pf, double *mh, double *ml, double *rs,
+                          double *mean, double *var) {
+    /* V[q][k][r]: vector k of row r's lanes (q: h1, l1, h2, l2), then, after
+     * the transposition of each CN_VW x CN_VW block, element r of V[q][k][j]
+     * is lane k * CN_VW + j of row r */
+    cn_vd V[4][CN_NV][CN_VW];
+    double cs[CN_VW];
+    const ptrdiff_t nv = n - n % 16;
+    for (int r = 0; r < CN_VW; r++) {
+        const double *p = (const double *)((const char *)x + (r < g ? r : 0) * xrs);
+        cs[r] = r < g ? p[0] : 0.0;
+        if (!nv) continue;
+        cn_vd h1[CN_NV], l1[CN_NV], h2[CN_NV], l2[CN_NV];
+        if (r < g) {
+            cn_centred_f64_lanes(p, n, cs[r], h1, l1, h2, l2, pf);
+        } else {
+            for (int k = 0; k < CN_NV; k++) h1[k] = l1[k] = h2[k] = l2[k] = cn_vsplat(0.0);
+        }
+        for (int k = 0; k < CN_NV; k++) {
+            V[0][k][r] = h1[k];
+            V[1][k][r] = l1[k];
+            V[2][k][r] = h2[k];
+            V[3][k][r] = l2[k];
+        }
+    }
+    cn_vd H1[16], L1[16], H2[16], L2[16];
+    if (nv) {
+        for (int q = 0; q < 4; q++)
+            for (int k = 0; k < CN_NV; k++) cn_rd_transpose(V[q][k]);
+        for (int k = 0; k < CN_NV; k++)
+            for (int j = 0; j < CN_VW; j++) {
+                H1[k * CN_VW + j] = V[0][k][j];
+                L1[k * CN_VW + j] = V[1][k][j];
+                H2[k * CN_VW + j] = V[2][k][j];
+                L2[k * CN_VW + j] = V[3][k][j];
+            }
+    } else {   /* rows of fewer than 16 elements: all lanes +0 */
+        H1[0] = L1[0] = H2[0] = L2[0] = cn_vsplat(0.0);
+    }
+    const cn_vd c = cn_vld_f64(cs), two = cn_vsplat(2.0), zero = cn_vsplat(0.0);
+    /* the tail into lane 0: cn_centred_f64's scalar loop */
+    for (ptrdiff_t i = nv; i < n; i++) {
+        cn_vd xv;
+        for (int r = 0; r < CN_VW; r++)
+            xv[r] = r < g ? ((const double *)((const char *)x + r * xrs))[i] : 0.0;
+        cn_vd d = xv - c, bb = d - xv;
+        cn_vd de = (xv - (d - bb)) + (-c - bb);
+        cn_vd q = d * d;
+        cn_vdd_add(&H1[0], &L1[0], d, de);
+        cn_vdd_add(&H2[0], &L2[0], q, cn_v_two_prod_err(d, d, q) + two * d * de);
+    }
+    /* cn_dd_tree16: lane k with lane k + w, w = 8, 4, 2, 1 (rows of fewer
+     * than 16 elements: lanes 1-15 are +0 throughout, lane 0 still goes
+     * through the four additions) */
+    for (int w = 8; w >= 1; w /= 2)
+        for (int k = 0; k < (nv ? w : 1); k++) {
+            cn_vdd_add(&H1[k], &L1[k], nv ? H1[k + w] : zero, nv ? L1[k + w] : zero);
+            cn_vdd_add(&H2[k], &L2[k], nv ? H2[k + w] : zero, nv ? L2[k + w] : zero);
+        }
+    /* block_moments_pf's sums start at zero */
+    cn_vd s1h = zero, s1l = zero, s2h = zero, s2l = zero;
+    cn_vdd_add(&s1h, &s1l, H1[0], L1[0]);
+    cn_vdd_add(&s2h, &s2l, H2[0], L2[0]);
+    /* block_finish: rows with c or S1 not finite go back to the caller */
+    cn_rdi fin = cn_rd_isfinite(s1h) & cn_rd_isfinite(c);
+    int bad = 0;
+    for (int r = 0; r < g; r++) bad |= (fin[r] == 0) << r;
+    /* block_state */
+    const cn_vd nn = cn_vsplat((double)n);
+    cn_vd th, tl, qh, ql;
+    cn_rd_div_d(s1h, s1l, nn, &th, &tl);
+    cn_vd Mh = c, Ml = zero;
+    cn_vdd_add(&Mh, &Ml, th, tl);
+    cn_rd_sq(s1h, s1l, &qh, &ql);
+    cn_rd_div_d(qh, ql, nn, &qh, &ql);
+    cn_vd Qh = s2h, Ql = s2l;
+    cn_vdd_add(&Qh, &Ql, -qh, -ql);
+    cn_rdi neg = Qh < zero;
+    Qh = cn_rd_select(neg, zero, Qh);
+    Ql = cn_rd_select(neg, zero, Ql);
+    const cn_vd nan = cn_vsplat(NAN);
+    Qh = cn_rd_select(s2h != s2h, nan, Qh);
+    /* norm_row's statistics of the state */
+    cn_vd v, vl, meanv, mhv, mlv;
+    cn_rdi mfin = cn_rd_isfinite(Mh);
+    cn_rd_div_d(Qh, Ql, nn, &v, &vl);
+    if (!rms) {
+        v = cn_rd_select(v > zero, v, zero);
+        v = cn_rd_select(Qh != Qh, nan, v);
+        meanv = cn_rd_select(mfin, Mh + Ml, Mh);
+        v = cn_rd_select(mfin, v, nan);
+        mhv = Mh;
+        mlv = Ml;
+    } else {
+        v = v + (Mh * Mh + two * Mh * Ml);
+        v = cn_rd_select((Qh != Qh) | ~mfin, nan, v);
+        meanv = mhv = mlv = zero;
+    }
+    cn_vd rsv = cn_vsplat(1.0) / cn_rd_sqrt(v + cn_vsplat(eps));
+    for (int r = 0; r < g; r++) {
+        if (bad >> r & 1) continue;
+        mh[r] = mhv[r];
+        ml[r] = mlv[r];
+        rs[r] = rsv[r];
+        mean[r] = meanv[r];
+        var[r] = v[r];
+    }
+    return bad;
+}
+
+#endif
