@@ -1,5 +1,5 @@
-"""Short float64 rows of the row layers (layer / RMS / group / instance norm):
-the statistics of CN_VW rows at a time in vectors across the rows
+"""Short float64 rows of the row layers (layer / RMS / group / instance norm)
+and of moments over the last axis: the statistics of CN_VW rows at a time in vectors across the rows
 (``_rows_dd.h``).  They must give bitwise what the row-by-row path gives
 (``set_row_groups(False)``) on every ISA path, whatever the row length, the
 number of rows (partial groups) and the values (rows with NaN or inf in a
@@ -13,7 +13,7 @@ import pytest
 
 import cnorm
 from cnorm import _config
-from exact import exact_normalized, max_offset, ulp_error
+from exact import exact_moments, exact_normalized, max_offset, ulp_error
 
 pytestmark = pytest.mark.skipif(not _config.HAVE_EXTENSION, reason="no compiled kernels")
 
@@ -67,6 +67,10 @@ def _outputs(x, rng_seed, nt):
             out += cnorm.rms_norm(x, -1, w, eps=eps, return_stats=True, num_threads=nt)
         # strided rows (a view of every other row) go through the same kernel
         out += cnorm.layer_norm(x[::2], -1, w, b, return_stats=True, num_threads=nt)
+        # moments over the last axis: evenly spaced rows, and layouts that are not
+        for v in (x, x[::2], x[::-1], x.reshape(1, *x.shape), np.stack([x, x[::-1]], axis=1)):
+            for ddof in (0, 1):
+                out += cnorm.moments(v, axis=-1, ddof=ddof, num_threads=nt)
         if L % 2 == 0:
             x4 = x.reshape(x.shape[0], 2, L // 2, 1)
             out += cnorm.group_norm(x4, 1, return_stats=True, num_threads=nt)
@@ -79,6 +83,7 @@ def _same(a, b, what):
     np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8), err_msg=what)
 
 
+@pytest.mark.filterwarnings("ignore:Degrees of freedom:RuntimeWarning")  # ddof=1 of one value
 @pytest.mark.parametrize("isa", _config.isa_runnable)
 @pytest.mark.parametrize("kind", ["randn", "offset", "scales", "constant", "special"])
 def test_grouped_rows_are_bitwise_the_row_by_row_path(isa, kind):
@@ -104,9 +109,11 @@ def test_grouped_rows_with_threads(isa, L):
     x[7, 1] = np.nan
     with isa_and_groups(isa, False):
         ref = cnorm.layer_norm(x, -1, return_stats=True, num_threads=1)
+        ref += cnorm.moments(x, axis=-1, num_threads=1)
     for nt in (1, 2):
         with isa_and_groups(isa, True):
             got = cnorm.layer_norm(x, -1, return_stats=True, num_threads=nt)
+            got += cnorm.moments(x, axis=-1, num_threads=nt)
         for g, r in zip(got, ref):
             _same(g, r, f"{isa} L={L} threads={nt}")
 
@@ -138,3 +145,9 @@ def test_grouped_rows_meet_the_contract(isa):
         assert np.isnan(y[5]).all() and np.isnan(mean[5])
         assert not np.isnan(np.delete(y, [3, 5], axis=0)).any() or L == 1
         assert (mean[3] == 7.0)
+        with isa_and_groups(isa, True), np.errstate(all="ignore"):
+            m, v = cnorm.moments(x, axis=-1)
+        em, ev = exact_moments(x, -1)
+        assert ulp_error(m, em, np.float64).max() <= 1.0, f"{isa} L={L} mean"
+        assert ulp_error(v, ev, np.float64).max() <= 2.0, f"{isa} L={L} var"
+        assert v[3] == 0.0 and np.isnan(v[5])

@@ -546,6 +546,59 @@ cdef void block_rows_interleaved(const src_t* x, Py_ssize_t R1, Py_ssize_t R0, P
             merge_t(&part[(kg + k) * kstep], &blk, x)
 
 
+cdef extern from "_rows_dd.h" nogil:
+    enum: CN_VW   # doubles per native vector: the rows of one cn_rows_dd_f64 group
+    int cn_rows_dd_f64(const double *x, Py_ssize_t xrs, int g, Py_ssize_t n, int rms, double eps,
+                       Py_ssize_t pf, double *mh, double *ml, double *rs, double *mean,
+                       double *var)
+    int cn_rows_dd_states_f64(const double *x, Py_ssize_t xrs, int g, Py_ssize_t n,
+                              Py_ssize_t pf, double *mh, double *ml, double *qh, double *ql)
+
+
+# float64 rows shorter than BLOCK: statistics CN_VW rows at a time (norm_rows_dd,
+# rows_states_dd);
+# set_row_groups(False) keeps them row by row, the same bits (the tests compare both)
+cdef bint row_groups = True
+
+
+def set_row_groups(bint on):
+    """Whether short float64 rows take the grouped statistics (the same results);
+    returns the previous setting."""
+    global row_groups
+    cdef bint old = row_groups
+    row_groups = on
+    return old
+
+
+cdef void rows_states_dd(const double* x, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t L,
+                         Py_ssize_t rstep, Py_ssize_t estride, Py_ssize_t pf,
+                         State* part) noexcept nogil:
+    """part[r] = the state of row r (r0 <= r < r1; L < BLOCK elements, row r at
+    x + r * rstep bytes), what slice_chunk gives for a one-row slice: CN_VW
+    rows at a time (_rows_dd.h), rows with inf or NaN through slice_chunk."""
+    cdef double mh[CN_VW]
+    cdef double ml[CN_VW]
+    cdef double qh[CN_VW]
+    cdef double ql[CN_VW]
+    cdef Py_ssize_t r = r0, j
+    cdef int g, bad
+    while r < r1:
+        g = <int>min(<Py_ssize_t>CN_VW, r1 - r)
+        bad = cn_rows_dd_states_f64(<const double*>(<const char*>x + r * rstep), rstep, g, L,
+                                    pf, mh, ml, qh, ql)
+        for j in range(g):
+            if (bad >> j) & 1:
+                slice_chunk(<const double*>(<const char*>x + (r + j) * rstep), 1, L, 0, estride,
+                            0, 1, pf, &part[r + j])
+            else:
+                part[r + j].n = <double>L
+                part[r + j].mh = mh[j]
+                part[r + j].ml = ml[j]
+                part[r + j].qh = qh[j]
+                part[r + j].ql = ql[j]
+        r += g
+
+
 cdef void rows_kernel(const src_t* x, Py_ssize_t* shape, Py_ssize_t* xs,
                       Py_ssize_t so, Py_ssize_t sk, State* states, int nthreads) noexcept nogil:
     """Reduce x[o, r1, k, r0] over (r1, r0) into states[o*so + k*sk] (merging).
@@ -563,7 +616,7 @@ cdef void rows_kernel(const src_t* x, Py_ssize_t* shape, Py_ssize_t* xs,
     cdef Py_ssize_t nslices = O * K
     cdef Py_ssize_t nblocks = blocks_in_slice(R1, R0)
     cdef Py_ssize_t nchunks = (nblocks + CHUNK_BLOCKS - 1) // CHUNK_BLOCKS
-    cdef Py_ssize_t ntasks = nslices * nchunks, t, sl, ch, o, k, ngroups, g, k0, k1
+    cdef Py_ssize_t ntasks = nslices * nchunks, t, sl, ch, o, k, ngroups, g, k0, k1, rstep
     cdef State* part
     cdef State st
     cdef int nt = nthreads if nslices * R1 * R0 >= SERIAL_WORK else 1
@@ -596,6 +649,13 @@ cdef void rows_kernel(const src_t* x, Py_ssize_t* shape, Py_ssize_t* xs,
             blocks_across_slices(<const src_t*>(<const char*>x + o * xs[0]), R1, R0, xs, k0, k1,
                                  ch * CHUNK_BLOCKS, min(nblocks, (ch + 1) * CHUNK_BLOCKS),
                                  &part[o * K * nchunks + ch], nchunks)
+    elif (src_t is double and row_groups and R1 == 1 and R0 < BLOCK and xs[3] == sz
+          and (K == 1 or O == 1)):
+        # one short row per slice, the rows evenly spaced: CN_VW rows at a time
+        rstep = xs[0] if K == 1 else xs[2]
+        for t in prange(nt, nogil=True, num_threads=nt, schedule='static'):
+            rows_states_dd(x, t * nslices // nt, (t + 1) * nslices // nt, R0, rstep, xs[3], pf,
+                           part)
     else:
         for t in prange(ntasks, nogil=True, num_threads=nt, schedule='static'):
             sl = t // nchunks
@@ -888,27 +948,6 @@ cdef void norm_row(const src_t* x, src_t* y, Py_ssize_t L, Py_ssize_t r, double 
     var_out[0] = var
     # the row is still in cache: the apply pass with this row's statistics
     scale_row(x, y, L, r, &mh, &ml, &rs, 1, False, w, b, psub, pmod, pmul, act, stream, hp)
-
-
-cdef extern from "_rows_dd.h" nogil:
-    enum: CN_VW   # doubles per native vector: the rows of one cn_rows_dd_f64 group
-    int cn_rows_dd_f64(const double *x, Py_ssize_t xrs, int g, Py_ssize_t n, int rms, double eps,
-                       Py_ssize_t pf, double *mh, double *ml, double *rs, double *mean,
-                       double *var)
-
-
-# float64 rows shorter than BLOCK: statistics CN_VW rows at a time (norm_rows_dd);
-# set_row_groups(False) keeps them row by row, the same bits (the tests compare both)
-cdef bint row_groups = True
-
-
-def set_row_groups(bint on):
-    """Whether short float64 rows take the grouped statistics (the same results);
-    returns the previous setting."""
-    global row_groups
-    cdef bint old = row_groups
-    row_groups = on
-    return old
 
 
 cdef void norm_rows_dd(const double* x, double* y, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t L,

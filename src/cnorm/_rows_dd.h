@@ -1,9 +1,10 @@
 /* The statistics of short float64 rows, CN_VW rows at a time.
  *
- * A float64 row of the layers (layer/RMS/group/instance norm) shorter than
- * one block (BLOCK = 4096 elements of _kernels.pyx) is one block: its
- * statistics are cn_centred_f64 (16 double-double lanes, the tail into lane
- * 0, the lane tree), block_state and the layer's finalize (norm_row).  After
+ * A float64 row shorter than one block (BLOCK = 4096 elements of
+ * _kernels.pyx) is one block: its statistics are cn_centred_f64 (16
+ * double-double lanes, the tail into lane 0, the lane tree), block_state and,
+ * for the layers (layer/RMS/group/instance norm), norm_row's finalize; for
+ * moments over the last axis the state (rows_kernel).  After
  * the vector loop every step of that is scalar and dependent on the one
  * before: ~100 ns per row on AMD EPYC Zen 4, 3x the time of PyTorch's whole
  * layer_norm on rows of 32 elements.  Here the vector loop runs row by row
@@ -91,15 +92,15 @@ static inline __attribute__((always_inline)) void cn_rd_transpose(cn_vd *v) {
     }
 }
 
-/* Rows r < g (g <= CN_VW) of n elements (0 < n < 4096), row r at
- * x + r * xrs bytes: the statistics norm_row computes for them.  Layer mode
- * (rms == 0): mean[r], var[r] and the apply pass's (mh[r], ml[r], rs[r]);
- * RMS mode: mean[r] = mh[r] = ml[r] = 0 and var[r] = mean(x**2).  pf: the
- * vector loop's prefetch distance (cn_prefetch16).  Returns the mask of rows
- * (bit r) whose c or S1 is not finite: their outputs are not written. */
-static int cn_rows_dd_f64(const double *x, ptrdiff_t xrs, int g, ptrdiff_t n, int rms,
-                          double eps, ptrdiff_t pf, double *mh, double *ml, double *rs,
-                          double *mean, double *var) {
+/* The block states of rows r < g (g <= CN_VW) of n elements (0 < n < 4096),
+ * row r at x + r * xrs bytes: lane r of (*Mh, *Ml) is the mean, of (*Qh,
+ * *Ql) the sum of squared deviations, as block_moments_pf + block_state
+ * compute them.  pf: the vector loop's prefetch distance (cn_prefetch16).
+ * Returns the mask of rows (bit r) whose c or S1 is not finite (block_finish's
+ * other branch): their lanes are meaningless. */
+static inline __attribute__((always_inline)) int cn_rows_dd_states(
+        const double *x, ptrdiff_t xrs, int g, ptrdiff_t n, ptrdiff_t pf, cn_vd *Mh_out,
+        cn_vd *Ml_out, cn_vd *Qh_out, cn_vd *Ql_out) {
     /* V[q][k][r]: vector k of row r's lanes (q: h1, l1, h2, l2), then, after
      * the transposition of each CN_VW x CN_VW block, element r of V[q][k][j]
      * is lane k * CN_VW + j of row r */
@@ -178,8 +179,26 @@ static int cn_rows_dd_f64(const double *x, ptrdiff_t xrs, int g, ptrdiff_t n, in
     cn_rdi neg = Qh < zero;
     Qh = cn_rd_select(neg, zero, Qh);
     Ql = cn_rd_select(neg, zero, Ql);
+    Qh = cn_rd_select(s2h != s2h, cn_vsplat(NAN), Qh);
+    *Mh_out = Mh;
+    *Ml_out = Ml;
+    *Qh_out = Qh;
+    *Ql_out = Ql;
+    return bad;
+}
+
+/* Rows r < g as cn_rows_dd_states: the statistics norm_row computes from the
+ * states.  Layer mode (rms == 0): mean[r], var[r] and the apply pass's
+ * (mh[r], ml[r], rs[r]); RMS mode: mean[r] = mh[r] = ml[r] = 0 and var[r] =
+ * mean(x**2).  Returns the mask of rows with inf or NaN, whose outputs are
+ * not written. */
+static int cn_rows_dd_f64(const double *x, ptrdiff_t xrs, int g, ptrdiff_t n, int rms,
+                          double eps, ptrdiff_t pf, double *mh, double *ml, double *rs,
+                          double *mean, double *var) {
+    cn_vd Mh, Ml, Qh, Ql;
+    const int bad = cn_rows_dd_states(x, xrs, g, n, pf, &Mh, &Ml, &Qh, &Ql);
+    const cn_vd nn = cn_vsplat((double)n), zero = cn_vsplat(0.0), two = cn_vsplat(2.0);
     const cn_vd nan = cn_vsplat(NAN);
-    Qh = cn_rd_select(s2h != s2h, nan, Qh);
     /* norm_row's statistics of the state */
     cn_vd v, vl, meanv, mhv, mlv;
     cn_rdi mfin = cn_rd_isfinite(Mh);
@@ -205,6 +224,19 @@ static int cn_rows_dd_f64(const double *x, ptrdiff_t xrs, int g, ptrdiff_t n, in
         mean[r] = meanv[r];
         var[r] = v[r];
     }
+    return bad;
+}
+
+/* Rows r < g as cn_rows_dd_states, written out: mh[r], ml[r], qh[r], ql[r]. */
+static int cn_rows_dd_states_f64(const double *x, ptrdiff_t xrs, int g, ptrdiff_t n,
+                                 ptrdiff_t pf, double *mh, double *ml, double *qh,
+                                 double *ql) {
+    cn_vd Mh, Ml, Qh, Ql;
+    const int bad = cn_rows_dd_states(x, xrs, g, n, pf, &Mh, &Ml, &Qh, &Ql);
+    cn_vst_f64(mh, Mh);
+    cn_vst_f64(ml, Ml);
+    cn_vst_f64(qh, Qh);
+    cn_vst_f64(ql, Ql);
     return bad;
 }
 
