@@ -547,12 +547,45 @@ cdef void block_rows_interleaved(const src_t* x, Py_ssize_t R1, Py_ssize_t R0, P
 
 
 cdef extern from "_rows_dd.h" nogil:
-    enum: CN_VW   # doubles per native vector: the rows of one cn_rows_dd_f64 group
-    int cn_rows_dd_f64(const double *x, Py_ssize_t xrs, int g, Py_ssize_t n, int rms, double eps,
-                       Py_ssize_t pf, double *mh, double *ml, double *rs, double *mean,
-                       double *var)
-    int cn_rows_dd_states_f64(const double *x, Py_ssize_t xrs, int g, Py_ssize_t n,
-                              Py_ssize_t pf, double *mh, double *ml, double *qh, double *ql)
+    enum: CN_VW   # doubles per native vector: the rows of one group
+    int cn_rows_norm_f64(const double *x, Py_ssize_t xrs, int g, Py_ssize_t n, int rms,
+                         double eps, Py_ssize_t pf, double *mh, double *ml, double *rs,
+                         double *mean, double *var)
+    int cn_rows_norm_f32(const float *x, Py_ssize_t xrs, int g, Py_ssize_t n, int rms,
+                         double eps, Py_ssize_t pf, double *mh, double *ml, double *rs,
+                         double *mean, double *var)
+    int cn_rows_norm_f16(const uint16_t *x, Py_ssize_t xrs, int g, Py_ssize_t n, int rms,
+                         double eps, Py_ssize_t pf, double *mh, double *ml, double *rs,
+                         double *mean, double *var)
+    int cn_rows_states_f64(const double *x, Py_ssize_t xrs, int g, Py_ssize_t n,
+                           Py_ssize_t pf, double *mh, double *ml, double *qh, double *ql)
+    int cn_rows_states_f32(const float *x, Py_ssize_t xrs, int g, Py_ssize_t n,
+                           Py_ssize_t pf, double *mh, double *ml, double *qh, double *ql)
+    int cn_rows_states_f16(const uint16_t *x, Py_ssize_t xrs, int g, Py_ssize_t n,
+                           Py_ssize_t pf, double *mh, double *ml, double *qh, double *ql)
+
+
+cdef inline int rows_norm(const src_t* x, Py_ssize_t xrs, int g, Py_ssize_t n, int rms,
+                          double eps, Py_ssize_t pf, double* mh, double* ml, double* rs,
+                          double* mean, double* var) noexcept nogil:
+    """cn_rows_norm_<dtype> of _rows_dd.h"""
+    if src_t is double:
+        return cn_rows_norm_f64(x, xrs, g, n, rms, eps, pf, mh, ml, rs, mean, var)
+    elif src_t is float:
+        return cn_rows_norm_f32(x, xrs, g, n, rms, eps, pf, mh, ml, rs, mean, var)
+    else:
+        return cn_rows_norm_f16(x, xrs, g, n, rms, eps, pf, mh, ml, rs, mean, var)
+
+
+cdef inline int rows_states(const src_t* x, Py_ssize_t xrs, int g, Py_ssize_t n, Py_ssize_t pf,
+                            double* mh, double* ml, double* qh, double* ql) noexcept nogil:
+    """cn_rows_states_<dtype> of _rows_dd.h"""
+    if src_t is double:
+        return cn_rows_states_f64(x, xrs, g, n, pf, mh, ml, qh, ql)
+    elif src_t is float:
+        return cn_rows_states_f32(x, xrs, g, n, pf, mh, ml, qh, ql)
+    else:
+        return cn_rows_states_f16(x, xrs, g, n, pf, mh, ml, qh, ql)
 
 
 # float64 rows shorter than BLOCK: statistics CN_VW rows at a time (norm_rows_dd,
@@ -562,7 +595,7 @@ cdef bint row_groups = True
 
 
 def set_row_groups(bint on):
-    """Whether short float64 rows take the grouped statistics (the same results);
+    """Whether short rows take the grouped statistics (the same results);
     returns the previous setting."""
     global row_groups
     cdef bint old = row_groups
@@ -570,12 +603,11 @@ def set_row_groups(bint on):
     return old
 
 
-cdef void rows_states_dd(const double* x, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t L,
-                         Py_ssize_t rstep, Py_ssize_t estride, Py_ssize_t pf,
-                         State* part) noexcept nogil:
-    """part[r] = the state of row r (r0 <= r < r1; L < BLOCK elements, row r at
-    x + r * rstep bytes), what slice_chunk gives for a one-row slice: CN_VW
-    rows at a time (_rows_dd.h), rows with inf or NaN through slice_chunk."""
+cdef void rows_states_grouped(const src_t* x, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t L,
+                              Py_ssize_t rstep, Py_ssize_t pf, State* part) noexcept nogil:
+    """part[r] = the state of row r (r0 <= r < r1; L < BLOCK contiguous elements,
+    row r at x + r * rstep bytes), what slice_chunk gives for a one-row slice:
+    CN_VW rows at a time (_rows_dd.h), rows with inf or NaN through slice_chunk."""
     cdef double mh[CN_VW]
     cdef double ml[CN_VW]
     cdef double qh[CN_VW]
@@ -584,12 +616,12 @@ cdef void rows_states_dd(const double* x, Py_ssize_t r0, Py_ssize_t r1, Py_ssize
     cdef int g, bad
     while r < r1:
         g = <int>min(<Py_ssize_t>CN_VW, r1 - r)
-        bad = cn_rows_dd_states_f64(<const double*>(<const char*>x + r * rstep), rstep, g, L,
-                                    pf, mh, ml, qh, ql)
+        bad = rows_states(<const src_t*>(<const char*>x + r * rstep), rstep, g, L, pf, mh, ml,
+                          qh, ql)
         for j in range(g):
             if (bad >> j) & 1:
-                slice_chunk(<const double*>(<const char*>x + (r + j) * rstep), 1, L, 0, estride,
-                            0, 1, pf, &part[r + j])
+                slice_chunk(<const src_t*>(<const char*>x + (r + j) * rstep), 1, L, 0,
+                            sizeof(src_t), 0, 1, pf, &part[r + j])
             else:
                 part[r + j].n = <double>L
                 part[r + j].mh = mh[j]
@@ -649,13 +681,12 @@ cdef void rows_kernel(const src_t* x, Py_ssize_t* shape, Py_ssize_t* xs,
             blocks_across_slices(<const src_t*>(<const char*>x + o * xs[0]), R1, R0, xs, k0, k1,
                                  ch * CHUNK_BLOCKS, min(nblocks, (ch + 1) * CHUNK_BLOCKS),
                                  &part[o * K * nchunks + ch], nchunks)
-    elif (src_t is double and row_groups and R1 == 1 and R0 < BLOCK and xs[3] == sz
-          and (K == 1 or O == 1)):
+    elif row_groups and R1 == 1 and R0 < BLOCK and xs[3] == sz and (K == 1 or O == 1):
         # one short row per slice, the rows evenly spaced: CN_VW rows at a time
         rstep = xs[0] if K == 1 else xs[2]
         for t in prange(nt, nogil=True, num_threads=nt, schedule='static'):
-            rows_states_dd(x, t * nslices // nt, (t + 1) * nslices // nt, R0, rstep, xs[3], pf,
-                           part)
+            rows_states_grouped(x, t * nslices // nt, (t + 1) * nslices // nt, R0, rstep, pf,
+                                part)
     else:
         for t in prange(ntasks, nogil=True, num_threads=nt, schedule='static'):
             sl = t // nchunks
@@ -950,15 +981,15 @@ cdef void norm_row(const src_t* x, src_t* y, Py_ssize_t L, Py_ssize_t r, double 
     scale_row(x, y, L, r, &mh, &ml, &rs, 1, False, w, b, psub, pmod, pmul, act, stream, hp)
 
 
-cdef void norm_rows_dd(const double* x, double* y, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t L,
-                       Py_ssize_t xrs, Py_ssize_t yrs, double eps, int mode, const double* w,
-                       const double* b, Py_ssize_t psub, Py_ssize_t pmod, Py_ssize_t pmul,
-                       int act, double* mean, double* var, bint stream,
-                       Py_ssize_t pf) noexcept nogil:
-    """norm_row for float64 rows r0..r1-1 of L < BLOCK elements (one block each):
-    the statistics of CN_VW rows at a time in vectors across the rows
-    (_rows_dd.h, the same bits), then each row's apply pass.  Rows with inf or
-    NaN take norm_row."""
+cdef void norm_rows_grouped(const src_t* x, src_t* y, Py_ssize_t r0, Py_ssize_t r1,
+                            Py_ssize_t L, Py_ssize_t xrs, Py_ssize_t yrs, double eps, int mode,
+                            const double* w, const double* b, Py_ssize_t psub, Py_ssize_t pmod,
+                            Py_ssize_t pmul, int act, double* mean, double* var, bint stream,
+                            Py_ssize_t pf, const cn_h32_prep* hp) noexcept nogil:
+    """norm_row for rows r0..r1-1 of L < BLOCK elements (one block each): the
+    statistics of CN_VW rows at a time in vectors across the rows (_rows_dd.h,
+    the same bits), then each row's apply pass.  Rows with inf or NaN take
+    norm_row."""
     cdef double mh[CN_VW]
     cdef double ml[CN_VW]
     cdef double rs[CN_VW]
@@ -966,17 +997,17 @@ cdef void norm_rows_dd(const double* x, double* y, Py_ssize_t r0, Py_ssize_t r1,
     cdef int g, bad
     while r < r1:
         g = <int>min(<Py_ssize_t>CN_VW, r1 - r)
-        bad = cn_rows_dd_f64(<const double*>(<const char*>x + r * xrs), xrs, g, L,
-                             mode != MODE_LAYER, eps, pf, mh, ml, rs, &mean[r], &var[r])
+        bad = rows_norm(<const src_t*>(<const char*>x + r * xrs), xrs, g, L, mode != MODE_LAYER,
+                        eps, pf, mh, ml, rs, &mean[r], &var[r])
         for j in range(g):
             if (bad >> j) & 1:
-                norm_row(<const double*>(<const char*>x + (r + j) * xrs),
-                         <double*>(<char*>y + (r + j) * yrs), L, r + j, eps, mode, w, b, psub,
-                         pmod, pmul, act, &mean[r + j], &var[r + j], stream, pf, NULL)
+                norm_row(<const src_t*>(<const char*>x + (r + j) * xrs),
+                         <src_t*>(<char*>y + (r + j) * yrs), L, r + j, eps, mode, w, b, psub,
+                         pmod, pmul, act, &mean[r + j], &var[r + j], stream, pf, hp)
             else:
-                scale_row(<const double*>(<const char*>x + (r + j) * xrs),
-                          <double*>(<char*>y + (r + j) * yrs), L, r + j, &mh[j], &ml[j], &rs[j],
-                          1, False, w, b, psub, pmod, pmul, act, stream, NULL)
+                scale_row(<const src_t*>(<const char*>x + (r + j) * xrs),
+                          <src_t*>(<char*>y + (r + j) * yrs), L, r + j, &mh[j], &ml[j], &rs[j],
+                          1, False, w, b, psub, pmod, pmul, act, stream, hp)
         r += g
 
 
@@ -1015,16 +1046,16 @@ cdef void norm_rows_run(const src_t* x, src_t* y, Py_ssize_t R, Py_ssize_t L, Py
     cdef Py_ssize_t pf = CN_PF_AHEAD if xrs == L * <Py_ssize_t>sizeof(src_t) else 0
     # each thread takes one contiguous range of rows and fences its streaming
     # stores at the end (a fence per row would stall on every short row)
-    if src_t is double and L < BLOCK and row_groups:
+    if L < BLOCK and row_groups:
         if nt == 1:
-            norm_rows_dd(x, y, 0, R, L, xrs, yrs, eps, mode, w, b, psub, pmod, pmul, act, mean,
-                         var, stream, pf)
+            norm_rows_grouped(x, y, 0, R, L, xrs, yrs, eps, mode, w, b, psub, pmod, pmul, act,
+                              mean, var, stream, pf, hp)
             if stream:
                 cn_store_fence()
             return
         for t in prange(nt, nogil=True, num_threads=nt, schedule='static'):
-            norm_rows_dd(x, y, t * R // nt, (t + 1) * R // nt, L, xrs, yrs, eps, mode, w, b,
-                         psub, pmod, pmul, act, mean, var, stream, pf)
+            norm_rows_grouped(x, y, t * R // nt, (t + 1) * R // nt, L, xrs, yrs, eps, mode, w, b,
+                              psub, pmod, pmul, act, mean, var, stream, pf, hp)
             if stream:
                 cn_store_fence()
         return

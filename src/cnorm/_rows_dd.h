@@ -1,21 +1,22 @@
-/* The statistics of short float64 rows, CN_VW rows at a time.
+/* The statistics of short rows, CN_VW rows at a time.
  *
- * A float64 row shorter than one block (BLOCK = 4096 elements of
- * _kernels.pyx) is one block: its statistics are cn_centred_f64 (16
- * double-double lanes, the tail into lane 0, the lane tree), block_state and,
- * for the layers (layer/RMS/group/instance norm), norm_row's finalize; for
- * moments over the last axis the state (rows_kernel).  After
- * the vector loop every step of that is scalar and dependent on the one
- * before: ~100 ns per row on AMD EPYC Zen 4, 3x the time of PyTorch's whole
- * layer_norm on rows of 32 elements.  Here the vector loop runs row by row
- * as before, and everything after it runs on vectors whose lane g is row g
- * of the group: the same operations in the same order, so the same bits as
- * the row-by-row path (-ffp-contract=off; cn_v_two_prod_err is lane by lane
- * cn_two_prod_err).
+ * A row shorter than one block (BLOCK = 4096 elements of _kernels.pyx) is
+ * one block: its statistics are the 16-lane loop of _simd.h (cn_centred_f64:
+ * double-double lanes, the tail into lane 0; cn_centred_f32/_f16: float64
+ * lanes, the tail summed apart), the lane tree, block_state (block_state_d
+ * for float32/float16) and, for the layers (layer/RMS/group/instance norm),
+ * norm_row's finalize; for moments over the last axis the state (rows_kernel).
+ * After the vector loop every step of that is scalar and dependent on the
+ * one before: for float64 ~100 ns per row on AMD EPYC Zen 4, 3x the time of
+ * PyTorch's whole layer_norm on rows of 32 elements.  Here the vector loop
+ * runs row by row as before, and everything after it on vectors whose lane r
+ * is row r of the group: the same operations in the same order, so the same
+ * bits as the row-by-row path (-ffp-contract=off; cn_v_two_prod_err is lane
+ * by lane cn_two_prod_err).
  *
  * Rows whose shift c (the first element) or centred sum S1 is not finite take
- * block_finish's other branch (inf or NaN data): cn_rows_dd_f64 reports them
- * in a bit mask and the caller redoes those rows on the row-by-row path.
+ * block_finish's other branch (inf or NaN data): the entries report them in
+ * a bit mask and the caller redoes those rows on the row-by-row path.
  */
 #ifndef CNORM_ROWS_DD_H
 #define CNORM_ROWS_DD_H
@@ -98,7 +99,7 @@ static inline __attribute__((always_inline)) void cn_rd_transpose(cn_vd *v) {
  * compute them.  pf: the vector loop's prefetch distance (cn_prefetch16).
  * Returns the mask of rows (bit r) whose c or S1 is not finite (block_finish's
  * other branch): their lanes are meaningless. */
-static inline __attribute__((always_inline)) int cn_rows_dd_states(
+static inline __attribute__((always_inline)) int cn_rows_states_dd_f64(
         const double *x, ptrdiff_t xrs, int g, ptrdiff_t n, ptrdiff_t pf, cn_vd *Mh_out,
         cn_vd *Ml_out, cn_vd *Qh_out, cn_vd *Ql_out) {
     /* V[q][k][r]: vector k of row r's lanes (q: h1, l1, h2, l2), then, after
@@ -187,19 +188,15 @@ static inline __attribute__((always_inline)) int cn_rows_dd_states(
     return bad;
 }
 
-/* Rows r < g as cn_rows_dd_states: the statistics norm_row computes from the
- * states.  Layer mode (rms == 0): mean[r], var[r] and the apply pass's
- * (mh[r], ml[r], rs[r]); RMS mode: mean[r] = mh[r] = ml[r] = 0 and var[r] =
- * mean(x**2).  Returns the mask of rows with inf or NaN, whose outputs are
- * not written. */
-static int cn_rows_dd_f64(const double *x, ptrdiff_t xrs, int g, ptrdiff_t n, int rms,
-                          double eps, ptrdiff_t pf, double *mh, double *ml, double *rs,
-                          double *mean, double *var) {
-    cn_vd Mh, Ml, Qh, Ql;
-    const int bad = cn_rows_dd_states(x, xrs, g, n, pf, &Mh, &Ml, &Qh, &Ql);
+/* norm_row's statistics of the states (Mh, Ml, Qh, Ql) of rows r < g of n
+ * elements, lane r for row r.  Layer mode (rms == 0): mean[r], var[r] and
+ * the apply pass's (mh[r], ml[r], rs[r]); RMS mode: mean[r] = mh[r] = ml[r]
+ * = 0 and var[r] = mean(x**2).  Rows whose bit is set in `bad` are skipped. */
+static inline __attribute__((always_inline)) void cn_rows_finish(
+        int bad, int g, ptrdiff_t n, int rms, double eps, cn_vd Mh, cn_vd Ml, cn_vd Qh,
+        cn_vd Ql, double *mh, double *ml, double *rs, double *mean, double *var) {
     const cn_vd nn = cn_vsplat((double)n), zero = cn_vsplat(0.0), two = cn_vsplat(2.0);
     const cn_vd nan = cn_vsplat(NAN);
-    /* norm_row's statistics of the state */
     cn_vd v, vl, meanv, mhv, mlv;
     cn_rdi mfin = cn_rd_isfinite(Mh);
     cn_rd_div_d(Qh, Ql, nn, &v, &vl);
@@ -224,20 +221,110 @@ static int cn_rows_dd_f64(const double *x, ptrdiff_t xrs, int g, ptrdiff_t n, in
         mean[r] = meanv[r];
         var[r] = v[r];
     }
-    return bad;
 }
 
-/* Rows r < g as cn_rows_dd_states, written out: mh[r], ml[r], qh[r], ql[r]. */
-static int cn_rows_dd_states_f64(const double *x, ptrdiff_t xrs, int g, ptrdiff_t n,
-                                 ptrdiff_t pf, double *mh, double *ml, double *qh,
-                                 double *ql) {
-    cn_vd Mh, Ml, Qh, Ql;
-    const int bad = cn_rows_dd_states(x, xrs, g, n, pf, &Mh, &Ml, &Qh, &Ql);
-    cn_vst_f64(mh, Mh);
-    cn_vst_f64(ml, Ml);
-    cn_vst_f64(qh, Qh);
-    cn_vst_f64(ql, Ql);
-    return bad;
+/* float32 / float16 rows: the plain float64 sums of cn_centred_f32/_f16 (the
+ * lane tree of cn_vtree16 / cn_ytree16: lane k += lane k + w, w = 8, 4, 2, 1;
+ * the tail summed apart and added after the tree) and block_state_d. */
+#define CN_ROWS_PLAIN(NAME, T, CONV)                                                   \
+static inline __attribute__((always_inline)) int cn_rows_states_pl_##NAME(            \
+        const T *x, ptrdiff_t xrs, int g, ptrdiff_t n, ptrdiff_t pf, cn_vd *Mh_out,    \
+        cn_vd *Ml_out, cn_vd *Qh_out, cn_vd *Ql_out) {                                 \
+    cn_vd V[2][CN_NV][CN_VW];                                                          \
+    double cs[CN_VW];                                                                  \
+    const ptrdiff_t nv = n - n % 16;                                                   \
+    for (int r = 0; r < CN_VW; r++) {                                                  \
+        const T *p = (const T *)((const char *)x + (r < g ? r : 0) * xrs);             \
+        cs[r] = r < g ? CONV(p[0]) : 0.0;                                              \
+        if (!nv) continue;                                                             \
+        double A[16], Q[16];                                                           \
+        if (r < g) {                                                                   \
+            cn_centred_##NAME##_lanes16(p, n, cs[r], A, Q, pf);                        \
+        } else {                                                                       \
+            for (int k = 0; k < 16; k++) A[k] = Q[k] = 0.0;                            \
+        }                                                                              \
+        for (int k = 0; k < CN_NV; k++) {                                              \
+            V[0][k][r] = cn_vld_f64(A + k * CN_VW);                                    \
+            V[1][k][r] = cn_vld_f64(Q + k * CN_VW);                                    \
+        }                                                                              \
+    }                                                                                  \
+    const cn_vd c = cn_vld_f64(cs), zero = cn_vsplat(0.0);                             \
+    cn_vd S1 = zero, S2 = zero;                                                        \
+    if (nv) {                                                                          \
+        cn_vd a[16], q[16];                                                            \
+        for (int k = 0; k < CN_NV; k++) {                                              \
+            cn_rd_transpose(V[0][k]);                                                  \
+            cn_rd_transpose(V[1][k]);                                                  \
+            for (int j = 0; j < CN_VW; j++) {                                          \
+                a[k * CN_VW + j] = V[0][k][j];                                         \
+                q[k * CN_VW + j] = V[1][k][j];                                         \
+            }                                                                          \
+        }                                                                              \
+        for (int w = 8; w >= 1; w /= 2)                                                \
+            for (int k = 0; k < w; k++) {                                              \
+                a[k] = a[k] + a[k + w];                                                \
+                q[k] = q[k] + q[k + w];                                                \
+            }                                                                          \
+        S1 = a[0];                                                                     \
+        S2 = q[0];                                                                     \
+    }                                                                                  \
+    /* the tail, summed apart (t1, t2), then *s1 += tree + t1 from *s1 = 0 */          \
+    cn_vd t1 = zero, t2 = zero;                                                        \
+    for (ptrdiff_t i = nv; i < n; i++) {                                               \
+        cn_vd xv;                                                                      \
+        for (int r = 0; r < CN_VW; r++)                                                \
+            xv[r] = r < g ? CONV(((const T *)((const char *)x + r * xrs))[i]) : 0.0;   \
+        cn_vd d = xv - c;                                                              \
+        t1 = t1 + d;                                                                   \
+        t2 = t2 + d * d;                                                               \
+    }                                                                                  \
+    S1 = zero + (S1 + t1);                                                             \
+    S2 = zero + (S2 + t2);                                                             \
+    cn_rdi fin = cn_rd_isfinite(S1) & cn_rd_isfinite(c);                               \
+    int bad = 0;                                                                       \
+    for (int r = 0; r < g; r++) bad |= (fin[r] == 0) << r;                             \
+    /* block_state_d: the mean c + S1/n by TwoSum, M2 = S2 - S1 * (S1/n) >= 0 */        \
+    const cn_vd nn = cn_vsplat((double)n);                                             \
+    cn_vd qn = S1 / nn, ss = c + qn, bb = ss - c;                                      \
+    *Mh_out = ss;                                                                      \
+    *Ml_out = (c - (ss - bb)) + (qn - bb);                                             \
+    cn_vd Qh = S2 - S1 * (S1 / nn);                                                    \
+    *Qh_out = cn_rd_select(Qh < zero, zero, Qh);                                       \
+    *Ql_out = zero;                                                                    \
+    return bad;                                                                        \
 }
+
+/* The entries, NAME = f64, f32, f16: rows r < g of n elements (0 < n < 4096),
+ * row r at x + r * xrs bytes; pf: the vector loop's prefetch distance.  Both
+ * return the mask of rows (bit r) whose shift c or S1 is not finite
+ * (block_finish's other branch), whose outputs are not written.
+ *   cn_rows_norm_NAME:   norm_row's statistics (cn_rows_finish)
+ *   cn_rows_states_NAME: the block states, mh[r], ml[r], qh[r], ql[r]
+ *                        (n elements each) */
+#define CN_ROWS_ENTRIES(NAME, T, KIND)                                                 \
+static int cn_rows_norm_##NAME(const T *x, ptrdiff_t xrs, int g, ptrdiff_t n, int rms, \
+        double eps, ptrdiff_t pf, double *mh, double *ml, double *rs, double *mean,    \
+        double *var) {                                                                 \
+    cn_vd Mh, Ml, Qh, Ql;                                                              \
+    const int bad = cn_rows_states_##KIND##_##NAME(x, xrs, g, n, pf, &Mh, &Ml, &Qh, &Ql); \
+    cn_rows_finish(bad, g, n, rms, eps, Mh, Ml, Qh, Ql, mh, ml, rs, mean, var);        \
+    return bad;                                                                        \
+}                                                                                      \
+static int cn_rows_states_##NAME(const T *x, ptrdiff_t xrs, int g, ptrdiff_t n,        \
+        ptrdiff_t pf, double *mh, double *ml, double *qh, double *ql) {                \
+    cn_vd Mh, Ml, Qh, Ql;                                                              \
+    const int bad = cn_rows_states_##KIND##_##NAME(x, xrs, g, n, pf, &Mh, &Ml, &Qh, &Ql); \
+    cn_vst_f64(mh, Mh);                                                                \
+    cn_vst_f64(ml, Ml);                                                                \
+    cn_vst_f64(qh, Qh);                                                                \
+    cn_vst_f64(ql, Ql);                                                                \
+    return bad;                                                                        \
+}
+
+CN_ROWS_PLAIN(f32, float, CN_CONV_F)
+CN_ROWS_PLAIN(f16, uint16_t, CN_CONV_H)
+CN_ROWS_ENTRIES(f64, double, dd)
+CN_ROWS_ENTRIES(f32, float, pl)
+CN_ROWS_ENTRIES(f16, uint16_t, pl)
 
 #endif

@@ -399,12 +399,13 @@ static int cn_f32_zmm = 0;
 #endif
 
 #define CN_DEFINE_ROW(NAME, SUFFIX, T, P, CONV)                                         \
-/* the one pass: S1 += sum(x - c), S2 += sum((x - c)^2) in float64 */           \
-static inline void cn_centred_##NAME(const T *__restrict p, ptrdiff_t n,          \
-                                       double c, double *s1, double *s2,         \
-                                       ptrdiff_t pf) {                           \
+/* the vector steps of the one pass: elements [0, n - n % 16) into the 16      \
+ * lanes (a, q), which start at zero; returns n - n % 16 */                      \
+static inline __attribute__((always_inline)) ptrdiff_t cn_centred_##NAME##_lanes(  \
+        const T *__restrict p, ptrdiff_t n, double c, cn_##P##d *a, cn_##P##d *q,   \
+        ptrdiff_t pf) {                                                          \
     enum { W = CN_W(P), NV = 16 / CN_W(P) };                                     \
-    cn_##P##d a[NV], q[NV], cv = cn_##P##splat(c);                               \
+    cn_##P##d cv = cn_##P##splat(c);                                             \
     for (int k = 0; k < NV; k++) a[k] = q[k] = cn_##P##splat(0.0);               \
     ptrdiff_t i, nv = n - n % 16;                                                \
     for (i = 0; i < nv; i += 16)                                                 \
@@ -415,6 +416,25 @@ static inline void cn_centred_##NAME(const T *__restrict p, ptrdiff_t n,        
             a[k] = cn_##P##add_fu(a[k], d);  /* a[k] + d, on the FMA pipes */    \
             q[k] = cn_##P##add_fu(q[k], d * d);                                  \
         }                                                                        \
+    return nv;                                                                   \
+}                                                                                \
+/* the lanes as 16 doubles each: lane k * W + j is element j of vector k */      \
+static inline ptrdiff_t cn_centred_##NAME##_lanes16(const T *__restrict p,         \
+        ptrdiff_t n, double c, double *A, double *Q, ptrdiff_t pf) {             \
+    enum { NV = 16 / CN_W(P) };                                                  \
+    cn_##P##d a[NV], q[NV];                                                      \
+    ptrdiff_t nv = cn_centred_##NAME##_lanes(p, n, c, a, q, pf);                 \
+    memcpy(A, a, sizeof a);                                                      \
+    memcpy(Q, q, sizeof q);                                                      \
+    return nv;                                                                   \
+}                                                                                \
+/* the one pass: S1 += sum(x - c), S2 += sum((x - c)^2) in float64 */           \
+static inline void cn_centred_##NAME(const T *__restrict p, ptrdiff_t n,          \
+                                       double c, double *s1, double *s2,         \
+                                       ptrdiff_t pf) {                           \
+    enum { NV = 16 / CN_W(P) };                                                  \
+    cn_##P##d a[NV], q[NV];                                                      \
+    ptrdiff_t i = cn_centred_##NAME##_lanes(p, n, c, a, q, pf);                  \
     double t1 = 0.0, t2 = 0.0;                                                   \
     for (; i < n; i++) { double d = CONV(p[i]) - c; t1 += d; t2 += d * d; }       \
     *s1 += cn_##P##tree16(a) + t1;                                               \
@@ -610,6 +630,11 @@ static inline void cn_centred_f32(const float *__restrict p, ptrdiff_t n, double
                                   double *s1, double *s2, ptrdiff_t pf) {
     if (cn_f32_zmm) cn_centred_f32_z(p, n, c, s1, s2, pf);
     else cn_centred_f32_y(p, n, c, s1, s2, pf);
+}
+static inline ptrdiff_t cn_centred_f32_lanes16(const float *__restrict p, ptrdiff_t n, double c,
+                                               double *A, double *Q, ptrdiff_t pf) {
+    return cn_f32_zmm ? cn_centred_f32_z_lanes16(p, n, c, A, Q, pf)
+                      : cn_centred_f32_y_lanes16(p, n, c, A, Q, pf);
 }
 static inline void cn_cols_centred_f32(const float *__restrict x, ptrdiff_t n,
         const double *__restrict c, double *__restrict s1, double *__restrict s2) {
