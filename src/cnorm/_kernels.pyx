@@ -588,9 +588,9 @@ cdef inline int rows_states(const src_t* x, Py_ssize_t xrs, int g, Py_ssize_t n,
         return cn_rows_states_f16(x, xrs, g, n, pf, mh, ml, qh, ql)
 
 
-# float64 rows shorter than BLOCK: statistics CN_VW rows at a time (norm_rows_dd,
-# rows_states_dd);
-# set_row_groups(False) keeps them row by row, the same bits (the tests compare both)
+# rows shorter than BLOCK: statistics CN_VW rows at a time (norm_rows_grouped,
+# rows_states_grouped); set_row_groups(False) keeps them row by row, the same
+# bits (the tests compare both)
 cdef bint row_groups = True
 
 
