@@ -93,40 +93,85 @@ static inline __attribute__((always_inline)) void cn_rd_transpose(cn_vd *v) {
     }
 }
 
+/* Columns j0 .. j0 + m - 1 (0 < m <= CN_VW) of rows r < g (row r at x + r *
+ * xrs bytes; the rows r >= g repeat row 0) transposed: element r of T[j] is
+ * x[r][j0 + j], j < m.  A whole block (m == CN_VW) is CN_VW loads and a
+ * transposition; a partial one is gathered element by element, which
+ * measured faster than masked loads and a transposition (float64 rows of 4
+ * and 100 elements, AMD EPYC Zen 4). */
+static inline __attribute__((always_inline)) void cn_rd_columns_f64(
+        const double *x, ptrdiff_t xrs, int g, ptrdiff_t j0, int m, cn_vd *T) {
+    if (m == CN_VW) {
+#pragma GCC unroll 8
+        for (int r = 0; r < CN_VW; r++)
+            T[r] = cn_vld_f64((const double *)((const char *)x + (r < g ? r : 0) * xrs) + j0);
+        cn_rd_transpose(T);
+        return;
+    }
+    for (int j = 0; j < m; j++)
+        for (int r = 0; r < CN_VW; r++)
+            T[j][r] = ((const double *)((const char *)x + (r < g ? r : 0) * xrs))[j0 + j];
+}
+
+/* Rows of at most CN_RD_SHORT elements transpose the group's data first (one
+ * CN_VW x CN_VW transposition per CN_VW columns) instead of the four lane
+ * sums of every row (4 * 16 / CN_VW transpositions per group). */
+#define CN_RD_SHORT 48
+
 /* The block states of rows r < g (g <= CN_VW) of n elements (0 < n < 4096),
  * row r at x + r * xrs bytes: lane r of (*Mh, *Ml) is the mean, of (*Qh,
  * *Ql) the sum of squared deviations, as block_moments_pf + block_state
  * compute them.  pf: the vector loop's prefetch distance (cn_prefetch16).
  * Returns the mask of rows (bit r) whose c or S1 is not finite (block_finish's
- * other branch): their lanes are meaningless. */
+ * other branch): their lanes are meaningless, as are the lanes r >= g. */
 static inline __attribute__((always_inline)) int cn_rows_states_dd_f64(
         const double *x, ptrdiff_t xrs, int g, ptrdiff_t n, ptrdiff_t pf, cn_vd *Mh_out,
         cn_vd *Ml_out, cn_vd *Qh_out, cn_vd *Ql_out) {
-    /* V[q][k][r]: vector k of row r's lanes (q: h1, l1, h2, l2), then, after
-     * the transposition of each CN_VW x CN_VW block, element r of V[q][k][j]
-     * is lane k * CN_VW + j of row r */
-    cn_vd V[4][CN_NV][CN_VW];
-    double cs[CN_VW];
     const ptrdiff_t nv = n - n % 16;
-    for (int r = 0; r < CN_VW; r++) {
-        const double *p = (const double *)((const char *)x + (r < g ? r : 0) * xrs);
-        cs[r] = r < g ? p[0] : 0.0;
-        if (!nv) continue;
-        cn_vd h1[CN_NV], l1[CN_NV], h2[CN_NV], l2[CN_NV];
-        if (r < g) {
-            cn_centred_f64_lanes(p, n, cs[r], h1, l1, h2, l2, pf);
-        } else {
-            for (int k = 0; k < CN_NV; k++) h1[k] = l1[k] = h2[k] = l2[k] = cn_vsplat(0.0);
-        }
-        for (int k = 0; k < CN_NV; k++) {
-            V[0][k][r] = h1[k];
-            V[1][k][r] = l1[k];
-            V[2][k][r] = h2[k];
-            V[3][k][r] = l2[k];
-        }
-    }
+    const cn_vd two = cn_vsplat(2.0), zero = cn_vsplat(0.0);
     cn_vd H1[16], L1[16], H2[16], L2[16];
-    if (nv) {
+    /* X[i - i0]: element i of every row (i0 <= i < n), the tail or (short
+     * rows) the whole row */
+    cn_vd X[CN_RD_SHORT + CN_VW];
+    const ptrdiff_t i0 = n <= CN_RD_SHORT ? 0 : nv;
+    for (ptrdiff_t j = i0; j < n; j += CN_VW)
+        cn_rd_columns_f64(x, xrs, g, j, (int)(n - j < CN_VW ? n - j : CN_VW), X + (j - i0));
+    cn_vd c;   /* element r: row r's shift, its first element */
+    if (i0 == 0) {
+        c = X[0];
+        const cn_vd cv = c;
+        /* lane k: elements k, k + 16, ... < nv, the steps of cn_centred_f64_lanes */
+#pragma GCC unroll 16
+        for (int k = 0; k < (nv ? 16 : 1); k++) {
+            cn_vd h1 = zero, l1 = zero, h2 = zero, l2 = zero;
+            for (ptrdiff_t i = k; i < nv; i += 16) CN_DD_LANE_STEP(X[i], h1, l1, h2, l2);
+            H1[k] = h1;
+            L1[k] = l1;
+            H2[k] = h2;
+            L2[k] = l2;
+        }
+    } else {
+        /* V[q][k][r]: vector k of row r's lanes (q: h1, l1, h2, l2), then,
+         * after the transposition of each CN_VW x CN_VW block, element r of
+         * V[q][k][j] is lane k * CN_VW + j of row r */
+        cn_vd V[4][CN_NV][CN_VW];
+        double cs[CN_VW];
+        for (int r = 0; r < CN_VW; r++) {
+            const double *p = (const double *)((const char *)x + (r < g ? r : 0) * xrs);
+            cs[r] = p[0];
+            cn_vd h1[CN_NV], l1[CN_NV], h2[CN_NV], l2[CN_NV];
+            if (r < g) {
+                cn_centred_f64_lanes(p, n, cs[r], h1, l1, h2, l2, pf);
+            } else {
+                for (int k = 0; k < CN_NV; k++) h1[k] = l1[k] = h2[k] = l2[k] = zero;
+            }
+            for (int k = 0; k < CN_NV; k++) {
+                V[0][k][r] = h1[k];
+                V[1][k][r] = l1[k];
+                V[2][k][r] = h2[k];
+                V[3][k][r] = l2[k];
+            }
+        }
         for (int q = 0; q < 4; q++)
             for (int k = 0; k < CN_NV; k++) cn_rd_transpose(V[q][k]);
         for (int k = 0; k < CN_NV; k++)
@@ -136,15 +181,11 @@ static inline __attribute__((always_inline)) int cn_rows_states_dd_f64(
                 H2[k * CN_VW + j] = V[2][k][j];
                 L2[k * CN_VW + j] = V[3][k][j];
             }
-    } else {   /* rows of fewer than 16 elements: all lanes +0 */
-        H1[0] = L1[0] = H2[0] = L2[0] = cn_vsplat(0.0);
+        c = cn_vld_f64(cs);
     }
-    const cn_vd c = cn_vld_f64(cs), two = cn_vsplat(2.0), zero = cn_vsplat(0.0);
     /* the tail into lane 0: cn_centred_f64's scalar loop */
     for (ptrdiff_t i = nv; i < n; i++) {
-        cn_vd xv;
-        for (int r = 0; r < CN_VW; r++)
-            xv[r] = r < g ? ((const double *)((const char *)x + r * xrs))[i] : 0.0;
+        cn_vd xv = X[i - i0];
         cn_vd d = xv - c, bb = d - xv;
         cn_vd de = (xv - (d - bb)) + (-c - bb);
         cn_vd q = d * d;
@@ -154,11 +195,20 @@ static inline __attribute__((always_inline)) int cn_rows_states_dd_f64(
     /* cn_dd_tree16: lane k with lane k + w, w = 8, 4, 2, 1 (rows of fewer
      * than 16 elements: lanes 1-15 are +0 throughout, lane 0 still goes
      * through the four additions) */
-    for (int w = 8; w >= 1; w /= 2)
-        for (int k = 0; k < (nv ? w : 1); k++) {
-            cn_vdd_add(&H1[k], &L1[k], nv ? H1[k + w] : zero, nv ? L1[k + w] : zero);
-            cn_vdd_add(&H2[k], &L2[k], nv ? H2[k + w] : zero, nv ? L2[k + w] : zero);
+    if (nv) {
+#pragma GCC unroll 4
+        for (int w = 8; w >= 1; w /= 2)
+#pragma GCC unroll 8
+            for (int k = 0; k < w; k++) {
+                cn_vdd_add(&H1[k], &L1[k], H1[k + w], L1[k + w]);
+                cn_vdd_add(&H2[k], &L2[k], H2[k + w], L2[k + w]);
+            }
+    } else {
+        for (int w = 8; w >= 1; w /= 2) {
+            cn_vdd_add(&H1[0], &L1[0], zero, zero);
+            cn_vdd_add(&H2[0], &L2[0], zero, zero);
         }
+    }
     /* block_moments_pf's sums start at zero */
     cn_vd s1h = zero, s1l = zero, s2h = zero, s2l = zero;
     cn_vdd_add(&s1h, &s1l, H1[0], L1[0]);
