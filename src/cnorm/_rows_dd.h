@@ -130,12 +130,12 @@ static inline __attribute__((always_inline)) int cn_rows_states_dd_f64(
     const ptrdiff_t nv = n - n % 16;
     const cn_vd two = cn_vsplat(2.0), zero = cn_vsplat(0.0);
     cn_vd H1[16], L1[16], H2[16], L2[16];
-    /* X[i - i0]: element i of every row (i0 <= i < n), the tail or (short
-     * rows) the whole row */
+    /* short rows: X[i] is element i of every row */
     cn_vd X[CN_RD_SHORT + CN_VW];
     const ptrdiff_t i0 = n <= CN_RD_SHORT ? 0 : nv;
-    for (ptrdiff_t j = i0; j < n; j += CN_VW)
-        cn_rd_columns_f64(x, xrs, g, j, (int)(n - j < CN_VW ? n - j : CN_VW), X + (j - i0));
+    if (i0 == 0)   /* longer rows: the tail element by element below */
+        for (ptrdiff_t j = 0; j < n; j += CN_VW)
+            cn_rd_columns_f64(x, xrs, g, j, (int)(n - j < CN_VW ? n - j : CN_VW), X + (j - i0));
     cn_vd c;   /* element r: row r's shift, its first element */
     if (i0 == 0) {
         c = X[0];
@@ -185,7 +185,13 @@ static inline __attribute__((always_inline)) int cn_rows_states_dd_f64(
     }
     /* the tail into lane 0: cn_centred_f64's scalar loop */
     for (ptrdiff_t i = nv; i < n; i++) {
-        cn_vd xv = X[i - i0];
+        cn_vd xv;
+        if (i0 == 0) {
+            xv = X[i];
+        } else {
+            for (int r = 0; r < CN_VW; r++)
+                xv[r] = ((const double *)((const char *)x + (r < g ? r : 0) * xrs))[i];
+        }
         cn_vd d = xv - c, bb = d - xv;
         cn_vd de = (xv - (d - bb)) + (-c - bb);
         cn_vd q = d * d;
