@@ -9,9 +9,10 @@
  * After the vector loop every step of that is scalar and dependent on the
  * one before: for float64 ~100 ns per row on AMD EPYC Zen 4, 3x the time of
  * PyTorch's whole layer_norm on rows of 32 elements.  Here the vector loop
- * runs row by row as before, and everything after it on vectors whose lane r
- * is row r of the group: the same operations in the same order, so the same
- * bits as the row-by-row path (-ffp-contract=off; cn_v_two_prod_err is lane
+ * runs row by row as before (float64 rows of at most CN_RD_SHORT elements:
+ * on the group's transposed data), and everything after it on vectors whose
+ * lane r is row r of the group: the same operations in the same order, so
+ * the same bits as the row-by-row path (-ffp-contract=off; cn_v_two_prod_err is lane
  * by lane cn_two_prod_err).
  *
  * Rows whose shift c (the first element) or centred sum S1 is not finite take
@@ -130,14 +131,15 @@ static inline __attribute__((always_inline)) int cn_rows_states_dd_f64(
     const ptrdiff_t nv = n - n % 16;
     const cn_vd two = cn_vsplat(2.0), zero = cn_vsplat(0.0);
     cn_vd H1[16], L1[16], H2[16], L2[16];
-    /* short rows: X[i] is element i of every row */
-    cn_vd X[CN_RD_SHORT + CN_VW];
-    const ptrdiff_t i0 = n <= CN_RD_SHORT ? 0 : nv;
-    if (i0 == 0)   /* longer rows: the tail element by element below */
-        for (ptrdiff_t j = 0; j < n; j += CN_VW)
-            cn_rd_columns_f64(x, xrs, g, j, (int)(n - j < CN_VW ? n - j : CN_VW), X + (j - i0));
+    /* X[i - i0]: element i of every row, i0 <= i < n: the whole of a short
+     * row (i0 = 0), the tail (i0 = nv) of a longer one */
+    const int short_rows = n <= CN_RD_SHORT;
+    const ptrdiff_t i0 = short_rows ? 0 : nv;
+    cn_vd X[CN_RD_SHORT];
+    for (ptrdiff_t j = i0; j < n; j += CN_VW)
+        cn_rd_columns_f64(x, xrs, g, j, (int)(n - j < CN_VW ? n - j : CN_VW), X + (j - i0));
     cn_vd c;   /* element r: row r's shift, its first element */
-    if (i0 == 0) {
+    if (short_rows) {
         c = X[0];
         const cn_vd cv = c;
         /* lane k: elements k, k + 16, ... < nv, the steps of cn_centred_f64_lanes */
@@ -185,13 +187,7 @@ static inline __attribute__((always_inline)) int cn_rows_states_dd_f64(
     }
     /* the tail into lane 0: cn_centred_f64's scalar loop */
     for (ptrdiff_t i = nv; i < n; i++) {
-        cn_vd xv;
-        if (i0 == 0) {
-            xv = X[i];
-        } else {
-            for (int r = 0; r < CN_VW; r++)
-                xv[r] = ((const double *)((const char *)x + (r < g ? r : 0) * xrs))[i];
-        }
+        cn_vd xv = X[i - i0];
         cn_vd d = xv - c, bb = d - xv;
         cn_vd de = (xv - (d - bb)) + (-c - bb);
         cn_vd q = d * d;
