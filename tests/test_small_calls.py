@@ -362,41 +362,124 @@ def test_explicit_thread_counts_take_the_small_path(rng, monkeypatch):
 
 
 # ------------------------------------------------------------------ backward
-@pytest.mark.parametrize("shape", [(1,), (4, 16), (32, 64), (3, 5, 33), (100, 1000),
-                                   (140, 1000)], ids=str)   # the last: threads (> 131072)
-@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64], ids=lambda d: d.__name__)
-@pytest.mark.parametrize("name,params", [("layer_norm", "none"), ("layer_norm", "weight"),
-                                         ("layer_norm", "bias"), ("layer_norm", "both"),
-                                         ("rms_norm", "none"), ("rms_norm", "weight")])
-def test_small_backward_is_bitwise_the_general_path(isa, name, shape, dtype, params, rng):
-    """The small-call backward (out=None) against the general path (taken with out=)."""
-    x = _data(shape, dtype, rng, offset=30.0)
-    dy = _data(shape, dtype, rng)
-    L = shape[-1]
-    pdt = np.float32 if dtype == np.float32 else np.float64   # parameters of x's dtype too
-    w = rng.standard_normal(L).astype(pdt) if params in ("weight", "both") else None
-    b = rng.standard_normal(L).astype(pdt) if params in ("bias", "both") else None
-    if name == "layer_norm":
-        _, mean, rstd = cnorm.layer_norm(x, -1, w, b, return_stats=True)
-        call = (lambda **kw: cnorm.layer_norm_backward(dy, x, mean, rstd, w, b, **kw))
-    else:
-        _, rstd = cnorm.rms_norm(x, -1, w, return_stats=True)
-        call = (lambda **kw: cnorm.rms_norm_backward(dy, x, rstd, w, **kw))
+@contextlib.contextmanager
+def general_backward():
+    """Every backward call through the general path: the small paths decline."""
     from cnorm import backward as B
-    direct = B._small_rows_backward(dy, x, mean if name == "layer_norm" else None, rstd, w, b,
-                                    -1, None, None, "auto", None,
-                                    B.MODE_CENTER if name == "layer_norm" else B.MODE_RMS)
-    assert direct is not None   # the call is one the small path takes
-    fast = call()
-    out = np.empty_like(x)
-    general = call(out=out)
-    assert general[0] is out
+    saved = B._small_rows_backward, B._small_channel_backward
+    B._small_rows_backward = lambda *a: None
+    B._small_channel_backward = lambda *a: None
+    try:
+        yield
+    finally:
+        B._small_rows_backward, B._small_channel_backward = saved
+
+
+# the ``out`` arguments a small path takes, made from (x, dy): a new array, x and dy
+# themselves (the tests pass copies, so that each call sees the same inputs)
+OUTS = (("new", lambda x, dy: np.empty_like(x)), ("x", lambda x, dy: x),
+        ("dy", lambda x, dy: dy))
+
+
+def _same_grads(fast, general):
     assert len(fast) == len(general)
     for f, g in zip(fast, general):
         if g is None:
             assert f is None
         else:
             _same(f, g)
+
+
+@pytest.mark.parametrize("shape", [(1,), (4, 16), (32, 64), (3, 5, 33), (100, 1000),
+                                   (300, 8), (140, 1000)], ids=str)   # the last: threads
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64], ids=lambda d: d.__name__)
+@pytest.mark.parametrize("name,params", [("layer_norm", "none"), ("layer_norm", "weight"),
+                                         ("layer_norm", "bias"), ("layer_norm", "both"),
+                                         ("layer_norm", "float16"), ("rms_norm", "none"),
+                                         ("rms_norm", "weight")])
+def test_small_backward_is_bitwise_the_general_path(isa, name, shape, dtype, params, rng):
+    """The small-call backward (the C entry) against the general path, with out=None,
+    out a new array, out=x and out=dy."""
+    x0 = _data(shape, dtype, rng, offset=30.0)
+    dy0 = _data(shape, dtype, rng)
+    L = shape[-1]
+    pdt = (np.float16 if params == "float16" else
+           np.float32 if dtype == np.float32 else np.float64)   # parameters of x's dtype too
+    w = rng.standard_normal(L).astype(pdt) if params in ("weight", "both", "float16") else None
+    b = rng.standard_normal(L).astype(pdt) if params in ("bias", "both", "float16") else None
+    if name == "layer_norm":
+        _, mean, rstd = cnorm.layer_norm(x0, -1, w, b, return_stats=True)
+        call = (lambda x, dy, **kw: cnorm.layer_norm_backward(dy, x, mean, rstd, w, b, **kw))
+    else:
+        _, rstd = cnorm.rms_norm(x0, -1, w, return_stats=True)
+        call = (lambda x, dy, **kw: cnorm.rms_norm_backward(dy, x, rstd, w, **kw))
+    from cnorm import _config
+    entry = _config.family("_backward").rows_backward_contig
+    mode = 2 if name == "layer_norm" else 1
+    assert entry(x0, dy0, mean if mode == 2 else None, rstd, w, b, None, mode, 1) is not None
+    with general_backward():
+        general = call(x0, dy0)
+    _same_grads(call(x0, dy0), general)
+    for kind, make in OUTS:
+        x, dy = x0.copy(), dy0.copy()
+        out = make(x, dy)
+        fast = call(x, dy, out=out)
+        assert fast[0] is out, kind
+        _same_grads(fast, general)
+
+
+@pytest.mark.parametrize("case", ["out view", "read-only out", "out dtype", "strided",
+                                  "float32 stats", "stats shape", "int weight", "weight shape",
+                                  "list x", "long rows", "dy dtype"])
+def test_ineligible_rows_backwards_decline_the_entry(case, rng):
+    """What the C entry declines goes to the general path, which gives its result or its
+    error, with nothing written."""
+    from cnorm import _config
+    entry = _config.family("_backward").rows_backward_contig
+    shape = (2, 70000) if case == "long rows" else (4, 16)
+    x = _data(shape, np.float64, rng)
+    dy = _data(shape, np.float64, rng)
+    _, mean, rstd = cnorm.layer_norm(x, return_stats=True)
+    w = b = out = None
+    raises = False
+    if case == "out view":
+        out = x[...]
+    elif case == "read-only out":
+        out = np.empty_like(x)
+        out.flags.writeable = False
+        raises = True
+    elif case == "out dtype":
+        out = np.empty(shape, np.float32)
+        raises = True
+    elif case == "strided":
+        x = _data((4, 32), np.float64, rng)[:, ::2]
+    elif case == "float32 stats":
+        mean = mean.astype(np.float32)
+    elif case == "stats shape":
+        mean = mean.reshape(1, -1)
+        raises = True
+    elif case == "int weight":
+        w = np.ones(16, np.int64)
+    elif case == "weight shape":
+        w = np.ones(17)
+        raises = True
+    elif case == "list x":
+        x = x.tolist()
+    elif case == "dy dtype":
+        dy = dy.astype(np.float32)
+        raises = True
+    assert entry(x, dy, mean, rstd, w, b, out, 2, 1) is None
+    before = None if out is None else out.copy()
+    if raises:
+        with pytest.raises((TypeError, ValueError)):
+            cnorm.layer_norm_backward(dy, x, mean, rstd, w, b, out=out)
+        if before is not None:
+            _same(out, before)
+        return
+    with general_backward():
+        general = cnorm.layer_norm_backward(dy, x, mean, rstd, w, b, out=None if out is None
+                                            else np.empty_like(np.asarray(x)))
+    _same_grads(cnorm.layer_norm_backward(dy, x, mean, rstd, w, b, out=out), general)
 
 
 # (kind, shape, groups, taken): whether the small path takes the call (instance and group
@@ -425,8 +508,8 @@ CHANNEL_BACKWARD_CASES = [
 @pytest.mark.parametrize("params", ["none", "weight", "bias", "both"])
 def test_small_channel_backward_is_bitwise_the_general_path(isa, kind, shape, groups, taken, dtype,
                                                             params, rng):
-    """Batch / instance / group norm backward, small path (out=None) against the general
-    path (taken with out=), training and (batch norm) eval mode."""
+    """Batch / instance / group norm backward, small path (out=None, a new out, out=x,
+    out=dy) against the general path, training and (batch norm) eval mode."""
     from cnorm import backward as B
     x = _data(shape, dtype, rng, offset=30.0)
     dy = _data(shape, dtype, rng)
@@ -440,26 +523,26 @@ def test_small_channel_backward_is_bitwise_the_general_path(isa, kind, shape, gr
     _, mean, rstd = fwd()
     trainings = [True, False] if kind == "batch" else [True]
     for training in trainings:
-        if kind == "batch":
-            call = (lambda **kw: cnorm.batch_norm_backward(dy, x, mean, rstd, w, b,
-                                                           training=training, **kw))
-        elif kind == "instance":
-            call = (lambda **kw: cnorm.instance_norm_backward(dy, x, mean, rstd, w, b, **kw))
-        else:
-            call = (lambda **kw: cnorm.group_norm_backward(dy, x, mean, rstd, groups, w, b, **kw))
+        def call(x=x, dy=dy, **kw):
+            if kind == "batch":
+                return cnorm.batch_norm_backward(dy, x, mean, rstd, w, b, training=training,
+                                                 **kw)
+            if kind == "instance":
+                return cnorm.instance_norm_backward(dy, x, mean, rstd, w, b, **kw)
+            return cnorm.group_norm_backward(dy, x, mean, rstd, groups, w, b, **kw)
         direct = B._small_channel_backward(kind, dy, x, mean, rstd, w, b, groups, training, 1,
                                            None, None, "auto", None)
         expect = taken if taken is not None else params == "none"
         assert (direct is not None) == expect
-        fast = call()
-        out = np.empty_like(x)
-        general = call(out=out)
-        assert general[0] is out
-        for f, g in zip(fast, general):
-            if g is None:
-                assert f is None
-            else:
-                _same(f, g)
+        with general_backward():
+            general = call()
+        _same_grads(call(), general)
+        for name, make in OUTS:
+            x1, dy1 = x.copy(), dy.copy()
+            out = make(x1, dy1)
+            fast = call(x1, dy1, out=out)
+            assert fast[0] is out, name
+            _same_grads(fast, general)
 
 
 @pytest.mark.parametrize("case", ["channels last", "activation", "out", "strided", "float32 stats",
@@ -476,8 +559,9 @@ def test_ineligible_channel_backwards_take_the_general_path(case, rng):
         args["axis"] = -1
     elif case == "activation":
         args["activation"] = "relu"
-    elif case == "out":
-        args["out"] = np.empty_like(x)
+    elif case == "out":   # a view of x that is not x itself: the general path takes it
+        x = x.copy()
+        args["out"] = x[...]
     elif case == "strided":
         x = _data((4, 12, 8, 8), np.float32, rng)[:, ::2]
     elif case == "float32 stats":

@@ -39,6 +39,17 @@ def rows_backward(
     act: int,                   # int: activation code
     nthreads: int,              # int
 ) -> int: ...
+def rows_backward_contig(
+    x: object,                  # object: eligible when a C-contiguous float ndarray
+    dy: object,                 # object: x's dtype and shape
+    mean: object,               # object: float64 of x.shape[:-1] (+ (1,)); None for RMS
+    rstd: object,               # object: float64 of x.shape[:-1] (+ (1,))
+    weight: object,             # object: None or a float vector of x.shape[-1]
+    bias: object,               # object: None or a float vector of x.shape[-1]
+    out: object,                # object: None, x, dy, or a new array like x
+    mode: int,                  # int: 1 RMS norm, 2 layer norm (centred)
+    nthreads: int,              # int
+) -> tuple[np.ndarray, F64 | None, F64 | None] | None: ...   # None: not eligible
 def cells_reduce(
     x: np.ndarray,              # cnp.ndarray
     xoff: int,                  # Py_ssize_t

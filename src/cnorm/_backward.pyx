@@ -1442,6 +1442,185 @@ def rows_backward(cnp.ndarray x, Py_ssize_t xoff, cnp.ndarray dy, Py_ssize_t dyo
     return res
 
 
+# ---------------------------------------------------------------- the small-call entry
+cdef inline bint _contig(object a, int typenum) noexcept:
+    """a is an exact, aligned, native-order, C-contiguous ndarray of typenum."""
+    return (type(a) is cnp.ndarray and cnp.PyArray_TYPE(<cnp.ndarray>a) == typenum
+            and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>a)
+            and cnp.PyArray_ISALIGNED(<cnp.ndarray>a)
+            and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>a))
+
+
+cdef inline bint _stat_shape(object a, cnp.ndarray x) noexcept:
+    """a is a C-contiguous float64 array of x.shape[:-1] or x.shape[:-1] + (1,)."""
+    if not _contig(a, cnp.NPY_FLOAT64):
+        return False
+    cdef int nd = cnp.PyArray_NDIM(x), na = cnp.PyArray_NDIM(<cnp.ndarray>a), i
+    if na == nd:
+        if cnp.PyArray_DIM(<cnp.ndarray>a, nd - 1) != 1:
+            return False
+    elif na != nd - 1:
+        return False
+    for i in range(nd - 1):
+        if cnp.PyArray_DIM(<cnp.ndarray>a, i) != cnp.PyArray_DIM(x, i):
+            return False
+    return True
+
+
+cdef object _param_f64(object p, Py_ssize_t L, double fill):
+    """A float64 C-contiguous (L,) copy or view of a float parameter (``fill`` for
+    None), or None when p is not a float16/32/64 ndarray of shape (L,)."""
+    import numpy as np
+    if p is None:
+        return np.full(L, fill)
+    if type(p) is not cnp.ndarray or cnp.PyArray_NDIM(<cnp.ndarray>p) != 1 \
+            or cnp.PyArray_DIM(<cnp.ndarray>p, 0) != L:
+        return None
+    cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>p)
+    if not cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>p):
+        return None
+    if t == cnp.NPY_FLOAT64 and _contig(p, t):
+        return p
+    if t == cnp.NPY_FLOAT64 or t == cnp.NPY_FLOAT32 or t == cnp.NPY_FLOAT16:
+        return np.ascontiguousarray(p, dtype=np.float64)
+    return None
+
+
+def rows_backward_contig(object x, object dy, object mean, object rstd, object weight,
+                         object bias, object out, int mode, int nthreads):
+    """layer_norm_backward (``mode`` 2) / rms_norm_backward (``mode`` 1, ``mean``
+    None) over the last axis of C-contiguous arrays, with nothing but C between the
+    call and ``rows_nd``: the rows, parameter sums and padding of the general path
+    (``_rows_backward``, one batch dim of R rows, one row dim of L elements), so
+    bitwise its results.
+
+    Eligible: x and dy exact ndarrays of one float dtype and shape, C-contiguous,
+    aligned, native order, non-empty; mean/rstd C-contiguous float64 of shape
+    ``x.shape[:-1]`` (+ ``(1,)``); weight/bias None or float vectors of length L;
+    ``out`` None, x or dy itself (writeable), or a writeable C-contiguous array
+    like x that overlaps neither; rows the general path runs in cache (``2 * L *
+    itemsize <= 1 MiB`` or at least 64 rows).  Returns ``(dx, dweight, dbias)``
+    (None for a parameter not given, else float64 of shape (L,): the caller casts),
+    or None when the call is not eligible (the caller takes the general path,
+    which validates).
+    """
+    import numpy as np
+    if type(x) is not cnp.ndarray or type(dy) is not cnp.ndarray:
+        return None
+    cdef cnp.ndarray xa = <cnp.ndarray>x, da = <cnp.ndarray>dy
+    cdef int t = cnp.PyArray_TYPE(xa), nd = cnp.PyArray_NDIM(xa), code, i
+    if t == cnp.NPY_FLOAT64:
+        code = 2
+    elif t == cnp.NPY_FLOAT32:
+        code = 1
+    elif t == cnp.NPY_FLOAT16:
+        code = 0
+    else:
+        return None
+    if (nd < 1 or not _contig(xa, t) or not _contig(da, t) or cnp.PyArray_NDIM(da) != nd
+            or (mode != MODE_CENTER and mode != MODE_RMS)):
+        return None
+    for i in range(nd):
+        if cnp.PyArray_DIM(da, i) != cnp.PyArray_DIM(xa, i):
+            return None
+    cdef Py_ssize_t size = cnp.PyArray_SIZE(xa), L = cnp.PyArray_DIM(xa, nd - 1)
+    cdef Py_ssize_t item = cnp.PyArray_ITEMSIZE(xa)
+    if size <= 0:
+        return None
+    cdef Py_ssize_t R = size // L
+    if not (2 * L * item <= (1 << 20) or R >= 64):
+        return None
+    if not _stat_shape(rstd, xa) or (mode == MODE_CENTER and not _stat_shape(mean, xa)):
+        return None
+    # dx: a new array, or out (x or dy itself, or an array like x apart from both)
+    cdef cnp.ndarray oa
+    if out is None:
+        oa = np.empty_like(xa)
+    elif out is x or out is dy:
+        if not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out):
+            return None
+        oa = <cnp.ndarray>out
+    else:
+        if not _contig(out, t) or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out) \
+                or cnp.PyArray_NDIM(<cnp.ndarray>out) != nd:
+            return None
+        for i in range(nd):
+            if cnp.PyArray_DIM(<cnp.ndarray>out, i) != cnp.PyArray_DIM(xa, i):
+                return None
+        if np.may_share_memory(out, x) or np.may_share_memory(out, dy):
+            return None
+        oa = <cnp.ndarray>out
+    cdef bint want = weight is not None or bias is not None
+    cdef object w1, b1
+    if want:
+        w1 = _param_f64(weight, L, 1.0)
+        b1 = _param_f64(bias, L, 0.0)
+        if w1 is None or b1 is None:
+            return None
+    else:
+        w1 = np.ones(1)
+        b1 = np.zeros(1)
+    cdef object m1 = np.zeros(R) if mode == MODE_RMS else mean
+    cdef const double[::1] wv = w1
+    cdef const double[::1] bv = b1
+    cdef const double[::1] mv = m1.reshape(-1)
+    cdef const double[::1] rv = rstd.reshape(-1)
+    # _plan_rows: size-1 dims dropped (stride 0), the rest padded to (1, R, 1, L)
+    cdef Py_ssize_t rb = L * item if R != 1 else 0, re = item if L != 1 else 0
+    cdef Py_ssize_t sh[4]
+    cdef Py_ssize_t xs[4]
+    cdef Py_ssize_t ss[4]
+    cdef Py_ssize_t ps[4]
+    sh[0] = 1; sh[1] = R; sh[2] = 1; sh[3] = L
+    xs[0] = 0; xs[1] = rb; xs[2] = 0; xs[3] = re
+    ss[0] = 0; ss[1] = 1 if R != 1 else 0; ss[2] = 0; ss[3] = 0
+    ps[0] = 0; ps[1] = 0; ps[2] = 0; ps[3] = 1 if (want and L != 1) else 0
+    # _param_acc: T zeroed (2, Pp) partial sums, Pp padded off multiples of 4 KiB
+    cdef Py_ssize_t P = wv.shape[0], Pp = P, T, ntasks, k, j
+    cdef double* pacc = NULL
+    if want:
+        if (8 * P) % 4096 < 64:
+            Pp = P + 8
+        T = max(1, min(min(R, 64), R * L // (16 * P)))
+        pacc = <double*>calloc(T * 2 * Pp, sizeof(double))
+        if pacc == NULL:
+            raise MemoryError("rows_backward_contig: partial parameter sums")
+        ntasks = min(T, R)
+    else:
+        T = 0
+        ntasks = max(1, min(R, 64))
+    cdef const char* xp = <const char*>cnp.PyArray_DATA(xa)
+    cdef const char* dp = <const char*>cnp.PyArray_DATA(da)
+    cdef char* op = <char*>cnp.PyArray_DATA(oa)
+    cdef bint refine = code == 2 and mode == MODE_CENTER
+    with nogil:
+        if code == 2:
+            rows_nd(xp, dp, op, sh, xs, xs, xs, &mv[0], &rv[0], ss, &wv[0], &bv[0], ps, pacc, P,
+                    Pp, ntasks, mode, refine, ACT_NONE, nthreads, <const double*>NULL)
+        elif code == 1:
+            rows_nd(xp, dp, op, sh, xs, xs, xs, &mv[0], &rv[0], ss, &wv[0], &bv[0], ps, pacc, P,
+                    Pp, ntasks, mode, refine, ACT_NONE, nthreads, <const float*>NULL)
+        else:
+            rows_nd(xp, dp, op, sh, xs, xs, xs, &mv[0], &rv[0], ss, &wv[0], &bv[0], ps, pacc, P,
+                    Pp, ntasks, mode, refine, ACT_NONE, nthreads, <const uint16_t*>NULL)
+    if not want:
+        return oa, None, None
+    # the general path's pacc.sum(axis=0) (task by task, in order) added to zeros
+    cdef cnp.ndarray dw = np.empty(P), db = np.empty(P)
+    cdef double* sp[2]
+    sp[0] = <double*>cnp.PyArray_DATA(dw)
+    sp[1] = <double*>cnp.PyArray_DATA(db)
+    cdef double acc
+    for k in range(2):
+        for j in range(P):
+            acc = pacc[k * Pp + j]
+            for i in range(1, T):
+                acc = acc + pacc[(i * 2 + k) * Pp + j]
+            sp[k][j] = acc + 0.0
+    free(pacc)
+    return oa, (dw if weight is not None else None), (db if bias is not None else None)
+
+
 # ---------------------------------------------------------------- cells (BatchNorm, GroupNorm, InstanceNorm)
 cdef void cell_rows_task(const char* x, const char* dy, const Py_ssize_t* sh,
                          const Py_ssize_t* xs, const Py_ssize_t* ds, Py_ssize_t o, Py_ssize_t k,

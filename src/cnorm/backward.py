@@ -554,6 +554,20 @@ def _small_grad(g, p):
     return None if p is None else (g.copy() if p.dtype == _F64 else g.astype(p.dtype))
 
 
+def _small_grad_f64(g, p):
+    """A float64 parameter gradient of the C entry in the parameter's dtype."""
+    return g if g is None or p.dtype == _F64 else g.astype(p.dtype)
+
+
+def _small_entry(backend, num_threads):
+    """``rows_backward_contig`` of the Cython kernels where ``small_call_allowed``, else
+    None (the Numba backend and the rest take the Python small path or the general one)."""
+    if not _config.small_call_allowed(backend, num_threads):
+        return None
+    mod = _kernels("cython")
+    return getattr(mod, "rows_backward_contig", None)
+
+
 def _small_kernels(backend, num_threads):
     """The kernel module of a small call: the Cython one where ``small_call_allowed``,
     the Numba one for ``backend="numba"`` (with a valid thread count: small calls run
@@ -569,32 +583,50 @@ def _small_kernels(backend, num_threads):
 def _small_arrays(dy, x, axis, activation, out, backend, num_threads, min_ndim):
     """The kernel module (``_small_kernels``) when a backward call may take a small
     path, else None: C-contiguous, aligned, non-empty x and dy of one float dtype and
-    shape, an int axis, no activation, no ``out``.  Any size: "small" is the Python
-    these paths skip (planning, validation), not the array; large arrays run with
-    the thread count the general path would take (``_config.run_entry``)."""
-    if not (activation is None and out is None and type(axis) is int
+    shape, an int axis, no activation, ``out`` None or one ``_small_out`` takes.  Any
+    size: "small" is the Python these paths skip (planning, validation), not the
+    array; large arrays run with the thread count the general path would take
+    (``_config.run_entry``)."""
+    if not (activation is None and type(axis) is int
             and type(x) is np.ndarray and type(dy) is np.ndarray and x.dtype in _NATIVE_F
             and dy.dtype == x.dtype and x.shape == dy.shape and x.ndim >= min_ndim
             and 0 < x.size and x.flags.c_contiguous and dy.flags.c_contiguous
-            and x.flags.aligned and dy.flags.aligned):
+            and x.flags.aligned and dy.flags.aligned and _small_out(out, x, dy)):
         return None
     return _small_kernels(backend, num_threads)
 
 
+def _small_out(out, x, dy):
+    """Whether a small path may write dx into ``out``: None (a new array), or a
+    writeable, aligned, C-contiguous ndarray of x's dtype and shape that is the x or
+    dy object itself (the kernels read each element before they write its gradient) or
+    shares no memory with them.  Anything else (another view of x, say) goes to the
+    general path, which refuses what it must (``_dx_array``) and converts what it
+    may."""
+    if out is None:
+        return True
+    if out is x or out is dy:
+        return out.flags.writeable
+    return (type(out) is np.ndarray and out.dtype == x.dtype and out.shape == x.shape
+            and out.flags.c_contiguous and out.flags.aligned and out.flags.writeable
+            and not np.may_share_memory(out, x) and not np.may_share_memory(out, dy))
+
+
 def _small_kernel(mod, x, dy, row_dims, batch_dims, mean, rstd, wv, bv, want, mode, refine,
-                  weight, bias, num_threads, min_segment=1):
+                  weight, bias, num_threads, out, min_segment=1):
     """The rows kernel of ``mod`` on x/dy with the rows and batch dims of the general path
     (``[size, [x, dy, dx, stat, param element strides]]``, outermost first; size-1
     dims are dropped, the rest merged and padded as ``_plan_rows`` does); returns
-    ``(dx, dweight, dbias)``, or None when the general path would not take the rows
-    kernel for this layout (``_rows_fit`` and ``min_segment`` of ``_rows_backward``)."""
+    ``(dx, dweight, dbias)``, dx written into ``out`` when given, or None when the
+    general path would not take the rows kernel for this layout (``_rows_fit`` and
+    ``min_segment`` of ``_rows_backward``)."""
     plan = _small_rows_plan(_dims_key(row_dims), _dims_key(batch_dims), x.size, x.itemsize,
                             min_segment)
     if plan is None:
         return None
     shape4, st, R, K = plan
     pacc = _param_acc(R, K, wv.size) if want else None
-    dx = np.empty_like(x)
+    dx = np.empty_like(x) if out is None else out
     _config.run_entry(mod.rows_backward, x, num_threads, 0, dy, 0, dx, 0, shape4, st[0], st[1],
                       st[2], mean.reshape(-1), rstd.reshape(-1), 0, st[3][:2], wv, bv, 0, st[4],
                       pacc, mode, refine, 0)
@@ -642,11 +674,18 @@ def _small_params(weight, bias, n):
 def _small_rows_backward(dy, x, mean, rstd, weight, bias, axis, activation, out, backend,
                          num_threads, mode):
     """The common small call of layer_norm_backward / rms_norm_backward (C-contiguous
-    x and dy of one float dtype, last axis, float64 statistics and parameters, no
-    activation, no ``out``; float parameters of the last axis' length) straight to
+    x and dy of one float dtype, last axis, float64 statistics, no activation, ``out``
+    None or an array ``_small_out`` takes; float parameters of the last axis' length) straight to
     the rows kernel with the plan the general path makes for it, skipping the
     planning; None when it does not apply.  Same kernel, same arguments, so bitwise
     the same results (tested)."""
+    if activation is None and type(axis) is int and axis == -1:
+        entry = _small_entry(backend, num_threads)
+        if entry is not None and type(x) is np.ndarray:
+            res = _config.run_entry(entry, x, num_threads, dy, mean, rstd, weight, bias, out,
+                                    mode)
+            if res is not None:
+                return (res[0], _small_grad_f64(res[1], weight), _small_grad_f64(res[2], bias))
     mod = _small_arrays(dy, x, axis, activation, out, backend, num_threads, 1)
     if mod is None or axis != -1:
         return None
@@ -661,17 +700,17 @@ def _small_rows_backward(dy, x, mean, rstd, weight, bias, axis, activation, out,
     m = np.zeros(R) if mode == MODE_RMS else mean
     return _small_kernel(mod, x, dy, [[L, [1, 1, 1, 0, pe]]], [[R, [L, L, L, 1, 0]]], m, rstd, wv,
                          bv, want, mode, x.dtype == _F64 and mode != MODE_RMS, weight, bias,
-                         num_threads)
+                         num_threads, out)
 
 
-def _small_batch_cells(mod, x, dy, mean, rstd, weight, bias, training, num_threads):
+def _small_batch_cells(mod, x, dy, mean, rstd, weight, bias, training, num_threads, out):
     """A small batch norm backward the rows kernel declines ((N, C) input, or segments
     of H*W shorter than 64): the general path's per-cell pass, planned and run in C
     (``batch_cells_backward`` of the Cython kernels; the Numba backend: the per-cell
     pass called directly)."""
     C = x.shape[1]
     param = (lambda p: None if p is None else np.ascontiguousarray(p, dtype=_F64))
-    dx = np.empty_like(x)
+    dx = np.empty_like(x) if out is None else out
     mh, rs, w, b = mean.reshape(C), rstd.reshape(C), param(weight), param(bias)
     refine = training and x.dtype == _F64
     if hasattr(mod, "batch_cells_backward"):
@@ -689,7 +728,8 @@ def _small_channel_backward(kind, dy, x, mean, rstd, weight, bias, groups, train
                             activation, out, backend, num_threads):
     """The common small call of batch / instance / group norm backward (``kind``
     "batch", "instance", "group") on NCHW data (C-contiguous x and dy with spatial
-    axes, float64 statistics, float parameters of C, defaults otherwise) straight to
+    axes, float64 statistics, float parameters of C, ``out`` as ``_small_out`` takes it,
+    defaults otherwise) straight to
     the rows kernel with the plan the general path makes; None when it does not
     apply (the general path then runs, or takes the per-cell kernels for this
     layout).  Bitwise the general path's results (tested)."""
@@ -715,14 +755,14 @@ def _small_channel_backward(kind, dy, x, mean, rstd, weight, bias, groups, train
             mod, x, dy, [[N, [C * HW] * 3 + [0, 0]], [HW, [1, 1, 1, 0, 0]]],
             [[C, [HW] * 3 + [1, pe]]], mean, rstd, wv, bv, want,
             MODE_CENTER if training else MODE_EVAL, training and x.dtype == _F64, weight, bias,
-            num_threads, min_segment=64)
+            num_threads, out, min_segment=64)
         return rows if rows is not None else _small_batch_cells(mod, x, dy, mean, rstd, weight,
-                                                                bias, training, num_threads)
+                                                                bias, training, num_threads, out)
     Cg = C // G           # slice = (sample, group): Cg segments of HW, parameter per segment
     return _small_kernel(mod, x, dy, [[Cg, [HW] * 3 + [0, pe]], [HW, [1, 1, 1, 0, 0]]],
                          [[N, [C * HW] * 3 + [G, 0]], [G, [Cg * HW] * 3 + [1, Cg * pe]]],
                          mean, rstd, wv, bv, want, MODE_CENTER, x.dtype == _F64, weight, bias,
-                         num_threads, min_segment=64)
+                         num_threads, out, min_segment=64)
 
 
 # ------------------------------------------------------------------ public API
