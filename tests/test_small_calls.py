@@ -390,6 +390,20 @@ def _same_grads(fast, general):
             _same(f, g)
 
 
+def _check_small_backward(call, x, dy):
+    """call(x, dy, out=...) on the small path against the general path: bitwise, with
+    out=None and each of OUTS (on copies of x and dy)."""
+    with general_backward():
+        general = call(x, dy)
+    _same_grads(call(x, dy), general)
+    for kind, make in OUTS:
+        x1, dy1 = x.copy(), dy.copy()
+        out = make(x1, dy1)
+        fast = call(x1, dy1, out=out)
+        assert fast[0] is out, kind
+        _same_grads(fast, general)
+
+
 @pytest.mark.parametrize("shape", [(1,), (4, 16), (32, 64), (3, 5, 33), (100, 1000),
                                    (300, 8), (140, 1000)], ids=str)   # the last: threads
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64], ids=lambda d: d.__name__)
@@ -417,15 +431,7 @@ def test_small_backward_is_bitwise_the_general_path(isa, name, shape, dtype, par
     entry = _config.family("_backward").rows_backward_contig
     mode = 2 if name == "layer_norm" else 1
     assert entry(x0, dy0, mean if mode == 2 else None, rstd, w, b, None, mode, 1) is not None
-    with general_backward():
-        general = call(x0, dy0)
-    _same_grads(call(x0, dy0), general)
-    for kind, make in OUTS:
-        x, dy = x0.copy(), dy0.copy()
-        out = make(x, dy)
-        fast = call(x, dy, out=out)
-        assert fast[0] is out, kind
-        _same_grads(fast, general)
+    _check_small_backward(call, x0, dy0)
 
 
 @pytest.mark.parametrize("case", ["out view", "read-only out", "out dtype", "strided",
@@ -534,15 +540,7 @@ def test_small_channel_backward_is_bitwise_the_general_path(isa, kind, shape, gr
                                            None, None, "auto", None)
         expect = taken if taken is not None else params == "none"
         assert (direct is not None) == expect
-        with general_backward():
-            general = call()
-        _same_grads(call(), general)
-        for name, make in OUTS:
-            x1, dy1 = x.copy(), dy.copy()
-            out = make(x1, dy1)
-            fast = call(x1, dy1, out=out)
-            assert fast[0] is out, name
-            _same_grads(fast, general)
+        _check_small_backward(call, x, dy)
 
 
 @pytest.mark.parametrize("case", ["channels last", "activation", "out", "strided", "float32 stats",
