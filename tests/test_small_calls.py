@@ -543,6 +543,33 @@ def test_small_channel_backward_is_bitwise_the_general_path(isa, kind, shape, gr
         _check_small_backward(call, x, dy)
 
 
+@pytest.mark.parametrize("kind,shape,groups,entry_takes", [
+    ("batch", (4, 64, 24, 24), None, True), ("batch", (3, 64, 16, 16), None, True),
+    ("instance", (4, 6, 5, 7), None, True), ("group", (4, 64, 24, 24), 8, True),
+    ("group", (3, 8, 100), 1, True),
+    ("batch", (8, 16), None, True), ("batch", (32, 64, 4, 4), None, True),   # per-cell pass
+    ("group", (4, 6, 5, 7), 3, False)])   # segments of 35 < 64 in slices of several
+def test_channel_backward_entry_takes_its_layouts(kind, shape, groups, entry_takes, rng):
+    """channel_backward_contig (C) runs the rows-kernel layouts and batch norm's per-cell
+    ones, and declines the rest, which the Python path then takes (all compared with
+    the general path above)."""
+    from cnorm import _config
+    entry = _config.family("_backward").channel_backward_contig
+    x = _data(shape, np.float32, rng)
+    dy = _data(shape, np.float32, rng)
+    C = shape[1]
+    w = rng.standard_normal(C).astype(np.float32)
+    fwd = {"batch": lambda: cnorm.batch_norm(x, w, None, return_stats=True),
+           "instance": lambda: cnorm.instance_norm(x, w, None, return_stats=True),
+           "group": lambda: cnorm.group_norm(x, groups, w, None, return_stats=True)}[kind]
+    _, mean, rstd = fwd()
+    code = {"batch": 0, "instance": 1, "group": 2}[kind]
+    res = entry(x, dy, mean, rstd, w, None, None, code, groups or 0, True, 1)
+    assert (res is not None) == entry_takes
+    if res is not None:
+        assert res[0].shape == x.shape and res[1].shape == (C,) and res[2] is None
+
+
 @pytest.mark.parametrize("case", ["channels last", "activation", "out", "strided", "float32 stats",
                                   "int weight", "np training", "list x"])
 def test_ineligible_channel_backwards_take_the_general_path(case, rng):

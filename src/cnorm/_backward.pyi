@@ -50,6 +50,19 @@ def rows_backward_contig(
     mode: int,                  # int: 1 RMS norm, 2 layer norm (centred)
     nthreads: int,              # int
 ) -> tuple[np.ndarray, F64 | None, F64 | None] | None: ...   # None: not eligible
+def channel_backward_contig(
+    x: object,                  # object: eligible when a C-contiguous float ndarray (N, C, ...)
+    dy: object,                 # object: x's dtype and shape
+    mean: object,               # object: float64, (C,) / (1, C, 1..) batch, (N, C) instance, (N, G) group
+    rstd: object,               # object: as mean
+    weight: object,             # object: None or a float vector of C
+    bias: object,               # object: None or a float vector of C
+    out: object,                # object: None, x, dy, or a new array like x
+    kind: int,                  # int: 0 batch, 1 instance, 2 group norm
+    groups: int,                # Py_ssize_t: G (group norm), else ignored
+    training: bool,             # bint: batch norm in training mode (else eval)
+    nthreads: int,              # int
+) -> tuple[np.ndarray, F64 | None, F64 | None] | None: ...   # None: not eligible
 def cells_reduce(
     x: np.ndarray,              # cnp.ndarray
     xoff: int,                  # Py_ssize_t

@@ -1442,7 +1442,7 @@ def rows_backward(cnp.ndarray x, Py_ssize_t xoff, cnp.ndarray dy, Py_ssize_t dyo
     return res
 
 
-# ---------------------------------------------------------------- the small-call entry
+# ---------------------------------------------------------------- the small-call entries
 cdef inline bint _contig(object a, int typenum) noexcept:
     """a is an exact, aligned, native-order, C-contiguous ndarray of typenum."""
     return (type(a) is cnp.ndarray and cnp.PyArray_TYPE(<cnp.ndarray>a) == typenum
@@ -1458,18 +1458,16 @@ cdef inline bint _overlap(cnp.ndarray a, cnp.ndarray b) noexcept:
     return pa < pb + cnp.PyArray_NBYTES(b) and pb < pa + cnp.PyArray_NBYTES(a)
 
 
-cdef inline bint _stat_shape(object a, cnp.ndarray x) noexcept:
-    """a is a C-contiguous float64 array of x.shape[:-1] or x.shape[:-1] + (1,)."""
+cdef bint _stat_shape(object a, Py_ssize_t* shape, int n, Py_ssize_t* alt, int nalt) noexcept:
+    """a is a C-contiguous float64 array of shape ``shape[:n]`` or ``alt[:nalt]``."""
     if not _contig(a, cnp.NPY_FLOAT64):
         return False
-    cdef int nd = cnp.PyArray_NDIM(x), na = cnp.PyArray_NDIM(<cnp.ndarray>a), i
-    if na == nd:
-        if cnp.PyArray_DIM(<cnp.ndarray>a, nd - 1) != 1:
-            return False
-    elif na != nd - 1:
+    cdef int na = cnp.PyArray_NDIM(<cnp.ndarray>a), i
+    cdef Py_ssize_t* want = shape if na == n else (alt if na == nalt else NULL)
+    if want == NULL:
         return False
-    for i in range(nd - 1):
-        if cnp.PyArray_DIM(<cnp.ndarray>a, i) != cnp.PyArray_DIM(x, i):
+    for i in range(na):
+        if cnp.PyArray_DIM(<cnp.ndarray>a, i) != want[i]:
             return False
     return True
 
@@ -1493,6 +1491,194 @@ cdef object _param_f64(object p, Py_ssize_t L, double fill):
     return None
 
 
+cdef object _params_f64(object weight, object bias, Py_ssize_t n):
+    """(w, b, want) for rows_nd: float64 vectors of n (ones / zeros for a missing one)
+    when a parameter is given, else one-element placeholders; None when a given one
+    is not a float vector of n (``_small_params`` of backward.py)."""
+    import numpy as np
+    if weight is None and bias is None:
+        return np.ones(1), np.zeros(1), False
+    cdef object w1 = _param_f64(weight, n, 1.0), b1 = _param_f64(bias, n, 0.0)
+    if w1 is None or b1 is None:
+        return None
+    return w1, b1, True
+
+
+cdef object _params_and_output(object weight, object bias, Py_ssize_t n, object out,
+                               cnp.ndarray xa, cnp.ndarray da):
+    """(``_params_f64``, ``_output``), or None when either declines."""
+    cdef object params = _params_f64(weight, bias, n)
+    if params is None:
+        return None
+    cdef object dx = _output(out, xa, da)
+    return None if dx is None else (params, dx)
+
+
+cdef int _input_code(object x, object dy, int min_nd) noexcept:
+    """The dtype code (2 float64, 1 float32, 0 float16) of x and dy when both are
+    exact C-contiguous, aligned, native-order, non-empty ndarrays of one float dtype
+    and shape with at least ``min_nd`` dimensions, else -1."""
+    if type(x) is not cnp.ndarray or type(dy) is not cnp.ndarray:
+        return -1
+    cdef cnp.ndarray xa = <cnp.ndarray>x, da = <cnp.ndarray>dy
+    cdef int t = cnp.PyArray_TYPE(xa), nd = cnp.PyArray_NDIM(xa), i
+    if nd < min_nd or not _contig(xa, t) or not _contig(da, t) or cnp.PyArray_NDIM(da) != nd \
+            or cnp.PyArray_SIZE(xa) <= 0:
+        return -1
+    for i in range(nd):
+        if cnp.PyArray_DIM(da, i) != cnp.PyArray_DIM(xa, i):
+            return -1
+    return 2 if t == cnp.NPY_FLOAT64 else (1 if t == cnp.NPY_FLOAT32 else
+                                           (0 if t == cnp.NPY_FLOAT16 else -1))
+
+
+cdef object _output(object out, cnp.ndarray xa, cnp.ndarray da):
+    """dx: a new array, or ``out`` when it is x or dy itself (writeable) or a writeable
+    array like x that overlaps neither; None otherwise (the general path decides)."""
+    import numpy as np
+    if out is None:
+        return np.empty_like(xa)
+    if out is xa or out is da:
+        return out if cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out) else None
+    cdef int nd = cnp.PyArray_NDIM(xa), i
+    if not _contig(out, cnp.PyArray_TYPE(xa)) or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out) \
+            or cnp.PyArray_NDIM(<cnp.ndarray>out) != nd:
+        return None
+    for i in range(nd):
+        if cnp.PyArray_DIM(<cnp.ndarray>out, i) != cnp.PyArray_DIM(xa, i):
+            return None
+    if _overlap(<cnp.ndarray>out, xa) or _overlap(<cnp.ndarray>out, da):
+        return None
+    return out
+
+
+cdef struct Dim:
+    Py_ssize_t n
+    Py_ssize_t s[5]      # x, dy, dx, statistics, parameter element strides
+
+
+cdef inline void _dim(Dim* d, Py_ssize_t n, Py_ssize_t s0, Py_ssize_t s1, Py_ssize_t s2,
+                      Py_ssize_t s3, Py_ssize_t s4) noexcept:
+    d.n = n
+    d.s[0] = s0
+    d.s[1] = s1
+    d.s[2] = s2
+    d.s[3] = s3
+    d.s[4] = s4
+
+
+cdef bint _merge_pad(const Dim* d, int nd, Dim* two) noexcept:
+    """_merge and _pad of backward.py: the dims of size > 1 (outermost first), merged
+    where every stride allows, padded in front to two (size 1, strides 0) into
+    ``two``; False when more than two remain."""
+    cdef Dim live[4]
+    cdef int m = 0, i, k
+    cdef bint ok
+    for i in range(nd):
+        if d[i].n == 1:
+            continue
+        if m > 0:
+            ok = True
+            for k in range(5):
+                if live[m - 1].s[k] != d[i].s[k] * d[i].n:
+                    ok = False
+            if ok:
+                live[m - 1].n *= d[i].n
+                for k in range(5):
+                    live[m - 1].s[k] = d[i].s[k]
+                continue
+        live[m] = d[i]
+        m += 1
+    if m > 2:
+        return False
+    for i in range(2 - m):
+        _dim(&two[i], 1, 0, 0, 0, 0, 0)
+    for i in range(m):
+        two[2 - m + i] = live[i]
+    return True
+
+
+cdef object _rows_entry(cnp.ndarray xa, cnp.ndarray da, cnp.ndarray dx, int code,
+                        const Dim* rows_in, int nr, const Dim* batch_in, int nb,
+                        Py_ssize_t min_segment, object m1, object r1, object params,
+                        bint wgiven, bint bgiven, int mode, bint refine, int nthreads):
+    """``rows_nd`` with the plan ``_small_rows_plan`` makes from the rows and batch dims
+    (element strides; float64 statistics m1/r1 flat, ``params`` from ``_params_f64``), the
+    partial parameter sums of ``_param_acc`` and their in-order sum
+    (``pacc.sum(axis=0)`` added to zeros), dx written into ``dx``.  Returns ``(dx,
+    dweight, dbias)`` (float64 sums, None where not given) or None, with nothing
+    written, where the general path would not take the rows kernel."""
+    import numpy as np
+    cdef Dim rows[2]
+    cdef Dim batch[2]
+    if not _merge_pad(rows_in, nr, rows) or not _merge_pad(batch_in, nb, batch):
+        return None
+    if rows[1].n < min_segment and rows[0].n > 1:
+        return None
+    cdef Py_ssize_t K = rows[0].n * rows[1].n, item = cnp.PyArray_ITEMSIZE(xa)
+    cdef Py_ssize_t R = cnp.PyArray_SIZE(xa) // K
+    if not (2 * K * item <= (1 << 20) or R >= 64):
+        return None
+    cdef Py_ssize_t sh[4]
+    cdef Py_ssize_t st[5][4]
+    cdef int k, j
+    sh[0] = batch[0].n; sh[1] = batch[1].n; sh[2] = rows[0].n; sh[3] = rows[1].n
+    for k in range(5):
+        for j in range(2):
+            st[k][j] = batch[j].s[k] * (item if k < 3 else 1)
+            st[k][2 + j] = rows[j].s[k] * (item if k < 3 else 1)
+    st[3][2] = 0
+    st[3][3] = 0
+    cdef const double[::1] mv = m1
+    cdef const double[::1] rv = r1
+    cdef const double[::1] wv = params[0]
+    cdef const double[::1] bv = params[1]
+    cdef bint want = params[2]
+    cdef Py_ssize_t P = wv.shape[0], Pp = P, T = 0, ntasks, i
+    cdef double* pacc = NULL
+    if want:
+        if (8 * P) % 4096 < 64:
+            Pp = P + 8
+        T = max(1, min(min(R, 64), R * K // (16 * P)))
+        pacc = <double*>calloc(T * 2 * Pp, sizeof(double))
+        if pacc == NULL:
+            raise MemoryError("backward: partial parameter sums")
+        ntasks = min(T, R)
+    else:
+        ntasks = max(1, min(R, 64))
+    cdef const char* xp = <const char*>cnp.PyArray_DATA(xa)
+    cdef const char* dp = <const char*>cnp.PyArray_DATA(da)
+    cdef char* op = <char*>cnp.PyArray_DATA(dx)
+    with nogil:
+        if code == 2:
+            rows_nd(xp, dp, op, sh, st[0], st[1], st[2], &mv[0], &rv[0], st[3], &wv[0], &bv[0],
+                    st[4], pacc, P, Pp, ntasks, mode, refine, ACT_NONE, nthreads,
+                    <const double*>NULL)
+        elif code == 1:
+            rows_nd(xp, dp, op, sh, st[0], st[1], st[2], &mv[0], &rv[0], st[3], &wv[0], &bv[0],
+                    st[4], pacc, P, Pp, ntasks, mode, refine, ACT_NONE, nthreads,
+                    <const float*>NULL)
+        else:
+            rows_nd(xp, dp, op, sh, st[0], st[1], st[2], &mv[0], &rv[0], st[3], &wv[0], &bv[0],
+                    st[4], pacc, P, Pp, ntasks, mode, refine, ACT_NONE, nthreads,
+                    <const uint16_t*>NULL)
+    if not want:
+        return dx, None, None
+    cdef cnp.ndarray dw = np.empty(P), db = np.empty(P)
+    cdef double* sp[2]
+    sp[0] = <double*>cnp.PyArray_DATA(dw)
+    sp[1] = <double*>cnp.PyArray_DATA(db)
+    cdef double acc
+    for k in range(2):
+        for j in range(P):
+            acc = pacc[k * Pp + j]
+            for i in range(1, T):
+                acc = acc + pacc[(i * 2 + k) * Pp + j]
+            sp[k][j] = acc + 0.0
+    free(pacc)
+    return dx, (dw if wgiven else None), (db if bgiven else None)
+
+
 def rows_backward_contig(object x, object dy, object mean, object rstd, object weight,
                          object bias, object out, int mode, int nthreads):
     """layer_norm_backward (``mode`` 2) / rms_norm_backward (``mode`` 1, ``mean``
@@ -1512,120 +1698,115 @@ def rows_backward_contig(object x, object dy, object mean, object rstd, object w
     which validates).
     """
     import numpy as np
-    if type(x) is not cnp.ndarray or type(dy) is not cnp.ndarray:
+    cdef int code = _input_code(x, dy, 1)
+    if code < 0 or (mode != MODE_CENTER and mode != MODE_RMS):
         return None
-    cdef cnp.ndarray xa = <cnp.ndarray>x, da = <cnp.ndarray>dy
-    cdef int t = cnp.PyArray_TYPE(xa), nd = cnp.PyArray_NDIM(xa), code, i
-    if t == cnp.NPY_FLOAT64:
-        code = 2
-    elif t == cnp.NPY_FLOAT32:
-        code = 1
-    elif t == cnp.NPY_FLOAT16:
-        code = 0
-    else:
+    cdef cnp.ndarray xa = <cnp.ndarray>x
+    cdef int nd = cnp.PyArray_NDIM(xa), i
+    cdef Py_ssize_t L = cnp.PyArray_DIM(xa, nd - 1), R = cnp.PyArray_SIZE(xa) // L
+    cdef Py_ssize_t shape[64]
+    for i in range(nd - 1):
+        shape[i] = cnp.PyArray_DIM(xa, i)
+    shape[nd - 1] = 1
+    if not _stat_shape(rstd, shape, nd, shape, nd - 1) or (
+            mode == MODE_CENTER and not _stat_shape(mean, shape, nd, shape, nd - 1)):
         return None
-    if (nd < 1 or not _contig(xa, t) or not _contig(da, t) or cnp.PyArray_NDIM(da) != nd
-            or (mode != MODE_CENTER and mode != MODE_RMS)):
+    cdef object pd = _params_and_output(weight, bias, L, out, xa, <cnp.ndarray>dy)
+    if pd is None:
         return None
+    cdef object params = pd[0], dx = pd[1]
+    cdef Dim rows[1]
+    cdef Dim batch[1]
+    _dim(&rows[0], L, 1, 1, 1, 0, 1 if params[2] else 0)
+    _dim(&batch[0], R, L, L, L, 1, 0)
+    return _rows_entry(xa, <cnp.ndarray>dy, dx, code, rows, 1, batch, 1, 1,
+                       np.zeros(R) if mode == MODE_RMS else mean.reshape(-1), rstd.reshape(-1),
+                       params, weight is not None, bias is not None, mode,
+                       code == 2 and mode == MODE_CENTER, nthreads)
+
+
+def channel_backward_contig(object x, object dy, object mean, object rstd, object weight,
+                            object bias, object out, int kind, Py_ssize_t groups,
+                            bint training, int nthreads):
+    """batch (``kind`` 0), instance (1) or group (2, ``groups`` groups) norm backward of
+    NCHW data (channel axis 1), ``_small_channel_backward`` in C: the same rows,
+    parameter sums and padding as the general path (or batch norm's per-cell pass),
+    so bitwise its results.
+
+    Eligible as ``rows_backward_contig`` (x with 2+ dims for batch norm, 3+ for
+    instance and group norm, which need spatial axes), with float64 statistics of
+    shape (C,) or (1, C, 1, ...) (batch), (N, C) or (N, C, 1, ...) (instance), (N,
+    G) (group), float parameters of C, G dividing C; instance and group norm need
+    H*W > 1 and segments of H*W of at least 64 elements where a slice has several
+    (batch norm takes its other layouts to the per-cell pass,
+    ``batch_cells_backward``, as ``_small_batch_cells`` does).  Returns ``(dx,
+    dweight, dbias)`` (float64 sums, the caller casts) or None: the caller then takes
+    its Python path (the general path, which validates).
+    """
+    import numpy as np
+    cdef int code = _input_code(x, dy, 2 if kind == 0 else 3)
+    if code < 0 or kind < 0 or kind > 2:
+        return None
+    cdef cnp.ndarray xa = <cnp.ndarray>x
+    cdef int nd = cnp.PyArray_NDIM(xa), i
+    cdef Py_ssize_t N = cnp.PyArray_DIM(xa, 0), C = cnp.PyArray_DIM(xa, 1)
+    cdef Py_ssize_t HW = cnp.PyArray_SIZE(xa) // (N * C)
+    cdef Py_ssize_t G = groups if kind == 2 else C
+    if (HW == 1 and kind != 0) or G <= 0 or C % G:
+        return None
+    cdef Py_ssize_t shape[64]
+    cdef Py_ssize_t alt[2]
+    cdef bint ok
     for i in range(nd):
-        if cnp.PyArray_DIM(da, i) != cnp.PyArray_DIM(xa, i):
-            return None
-    cdef Py_ssize_t size = cnp.PyArray_SIZE(xa), L = cnp.PyArray_DIM(xa, nd - 1)
-    cdef Py_ssize_t item = cnp.PyArray_ITEMSIZE(xa)
-    if size <= 0:
-        return None
-    cdef Py_ssize_t R = size // L
-    if not (2 * L * item <= (1 << 20) or R >= 64):
-        return None
-    if not _stat_shape(rstd, xa) or (mode == MODE_CENTER and not _stat_shape(mean, xa)):
-        return None
-    # dx: a new array, or out (x or dy itself, or an array like x apart from both)
-    cdef cnp.ndarray oa
-    if out is None:
-        oa = np.empty_like(xa)
-    elif out is x or out is dy:
-        if not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out):
-            return None
-        oa = <cnp.ndarray>out
+        shape[i] = 1
+    if kind == 0:
+        shape[1] = C
+        alt[0] = C
+        ok = _stat_shape(mean, shape, nd, alt, 1) and _stat_shape(rstd, shape, nd, alt, 1)
+    elif kind == 1:
+        shape[0] = N
+        shape[1] = C
+        ok = _stat_shape(mean, shape, nd, shape, 2) and _stat_shape(rstd, shape, nd, shape, 2)
     else:
-        if not _contig(out, t) or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out) \
-                or cnp.PyArray_NDIM(<cnp.ndarray>out) != nd:
-            return None
-        for i in range(nd):
-            if cnp.PyArray_DIM(<cnp.ndarray>out, i) != cnp.PyArray_DIM(xa, i):
-                return None
-        if _overlap(<cnp.ndarray>out, xa) or _overlap(<cnp.ndarray>out, da):
-            return None
-        oa = <cnp.ndarray>out
-    cdef bint want = weight is not None or bias is not None
-    cdef object w1, b1
-    if want:
-        w1 = _param_f64(weight, L, 1.0)
-        b1 = _param_f64(bias, L, 0.0)
-        if w1 is None or b1 is None:
-            return None
-    else:
-        w1 = np.ones(1)
-        b1 = np.zeros(1)
-    cdef object m1 = np.zeros(R) if mode == MODE_RMS else mean
-    cdef const double[::1] wv = w1
-    cdef const double[::1] bv = b1
-    cdef const double[::1] mv = m1.reshape(-1)
-    cdef const double[::1] rv = rstd.reshape(-1)
-    # _plan_rows: size-1 dims dropped (stride 0), the rest padded to (1, R, 1, L)
-    cdef Py_ssize_t rb = L * item if R != 1 else 0, re = item if L != 1 else 0
-    cdef Py_ssize_t sh[4]
-    cdef Py_ssize_t xs[4]
-    cdef Py_ssize_t ss[4]
-    cdef Py_ssize_t ps[4]
-    sh[0] = 1; sh[1] = R; sh[2] = 1; sh[3] = L
-    xs[0] = 0; xs[1] = rb; xs[2] = 0; xs[3] = re
-    ss[0] = 0; ss[1] = 1 if R != 1 else 0; ss[2] = 0; ss[3] = 0
-    ps[0] = 0; ps[1] = 0; ps[2] = 0; ps[3] = 1 if (want and L != 1) else 0
-    # _param_acc: T zeroed (2, Pp) partial sums, Pp padded off multiples of 4 KiB
-    cdef Py_ssize_t P = wv.shape[0], Pp = P, T, ntasks, k, j
-    cdef double* pacc = NULL
-    if want:
-        if (8 * P) % 4096 < 64:
-            Pp = P + 8
-        T = max(1, min(min(R, 64), R * L // (16 * P)))
-        pacc = <double*>calloc(T * 2 * Pp, sizeof(double))
-        if pacc == NULL:
-            raise MemoryError("rows_backward_contig: partial parameter sums")
-        ntasks = min(T, R)
-    else:
-        T = 0
-        ntasks = max(1, min(R, 64))
-    cdef const char* xp = <const char*>cnp.PyArray_DATA(xa)
-    cdef const char* dp = <const char*>cnp.PyArray_DATA(da)
-    cdef char* op = <char*>cnp.PyArray_DATA(oa)
-    cdef bint refine = code == 2 and mode == MODE_CENTER
-    with nogil:
-        if code == 2:
-            rows_nd(xp, dp, op, sh, xs, xs, xs, &mv[0], &rv[0], ss, &wv[0], &bv[0], ps, pacc, P,
-                    Pp, ntasks, mode, refine, ACT_NONE, nthreads, <const double*>NULL)
-        elif code == 1:
-            rows_nd(xp, dp, op, sh, xs, xs, xs, &mv[0], &rv[0], ss, &wv[0], &bv[0], ps, pacc, P,
-                    Pp, ntasks, mode, refine, ACT_NONE, nthreads, <const float*>NULL)
-        else:
-            rows_nd(xp, dp, op, sh, xs, xs, xs, &mv[0], &rv[0], ss, &wv[0], &bv[0], ps, pacc, P,
-                    Pp, ntasks, mode, refine, ACT_NONE, nthreads, <const uint16_t*>NULL)
-    if not want:
-        return oa, None, None
-    # the general path's pacc.sum(axis=0) (task by task, in order) added to zeros
-    cdef cnp.ndarray dw = np.empty(P), db = np.empty(P)
-    cdef double* sp[2]
-    sp[0] = <double*>cnp.PyArray_DATA(dw)
-    sp[1] = <double*>cnp.PyArray_DATA(db)
-    cdef double acc
-    for k in range(2):
-        for j in range(P):
-            acc = pacc[k * Pp + j]
-            for i in range(1, T):
-                acc = acc + pacc[(i * 2 + k) * Pp + j]
-            sp[k][j] = acc + 0.0
-    free(pacc)
-    return oa, (dw if weight is not None else None), (db if bias is not None else None)
+        alt[0] = N
+        alt[1] = G
+        ok = _stat_shape(mean, alt, 2, alt, 2) and _stat_shape(rstd, alt, 2, alt, 2)
+    if not ok:
+        return None
+    cdef object pd = _params_and_output(weight, bias, C, out, xa, <cnp.ndarray>dy)
+    if pd is None:
+        return None
+    cdef object params = pd[0], dx = pd[1]
+    cdef Py_ssize_t pe = 1 if params[2] else 0, Cg = C // G
+    cdef Dim rows[2]
+    cdef Dim batch[2]
+    cdef object res = None
+    if kind == 0:   # slice = channel (N segments of HW), parameter per channel
+        _dim(&rows[0], N, C * HW, C * HW, C * HW, 0, 0)
+        _dim(&rows[1], HW, 1, 1, 1, 0, 0)
+        _dim(&batch[0], C, HW, HW, HW, 1, pe)
+        if HW > 1:
+            res = _rows_entry(xa, <cnp.ndarray>dy, dx, code, rows, 2, batch, 1, 64,
+                              mean.reshape(-1), rstd.reshape(-1), params, weight is not None,
+                              bias is not None, MODE_CENTER if training else MODE_EVAL,
+                              training and code == 2, nthreads)
+        if res is not None:
+            return res
+        # (N, C) input or segments of H*W < 64: the per-cell pass (_small_batch_cells)
+        sums = batch_cells_backward(xa, <cnp.ndarray>dy, dx, mean.reshape(-1), rstd.reshape(-1),
+                                    None if weight is None else params[0],
+                                    None if bias is None else params[1], training,
+                                    training and code == 2, nthreads)
+        return (dx, sums[0] if weight is not None else None,
+                sums[1] if bias is not None else None)
+    # slice = (sample, group): Cg segments of HW, parameter per segment
+    _dim(&rows[0], Cg, HW, HW, HW, 0, pe)
+    _dim(&rows[1], HW, 1, 1, 1, 0, 0)
+    _dim(&batch[0], N, C * HW, C * HW, C * HW, G, 0)
+    _dim(&batch[1], G, Cg * HW, Cg * HW, Cg * HW, 1, Cg * pe)
+    return _rows_entry(xa, <cnp.ndarray>dy, dx, code, rows, 2, batch, 2, 64, mean.reshape(-1),
+                       rstd.reshape(-1), params, weight is not None, bias is not None,
+                       MODE_CENTER, code == 2, nthreads)
 
 
 # ---------------------------------------------------------------- cells (BatchNorm, GroupNorm, InstanceNorm)

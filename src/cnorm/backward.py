@@ -559,13 +559,16 @@ def _small_grad_f64(g, p):
     return g if g is None or p.dtype == _F64 else g.astype(p.dtype)
 
 
-def _small_entry(backend, num_threads):
-    """``rows_backward_contig`` of the Cython kernels where ``small_call_allowed``, else
-    None (the Numba backend and the rest take the Python small path or the general one)."""
+_CHANNEL_KINDS = {"batch": 0, "instance": 1, "group": 2}
+
+
+def _small_entry(name, backend, num_threads):
+    """The C entry ``name`` (``rows_backward_contig``, ``channel_backward_contig``) of the
+    Cython kernels where ``small_call_allowed``, else None (the Numba backend and the
+    rest take the Python small path or the general one)."""
     if not _config.small_call_allowed(backend, num_threads):
         return None
-    mod = _kernels("cython")
-    return getattr(mod, "rows_backward_contig", None)
+    return getattr(_kernels("cython"), name, None)
 
 
 def _small_kernels(backend, num_threads):
@@ -680,7 +683,7 @@ def _small_rows_backward(dy, x, mean, rstd, weight, bias, axis, activation, out,
     planning; None when it does not apply.  Same kernel, same arguments, so bitwise
     the same results (tested)."""
     if activation is None and type(axis) is int and axis == -1:
-        entry = _small_entry(backend, num_threads)
+        entry = _small_entry("rows_backward_contig", backend, num_threads)
         if entry is not None and type(x) is np.ndarray:
             res = _config.run_entry(entry, x, num_threads, dy, mean, rstd, weight, bias, out,
                                     mode)
@@ -733,6 +736,14 @@ def _small_channel_backward(kind, dy, x, mean, rstd, weight, bias, groups, train
     the rows kernel with the plan the general path makes; None when it does not
     apply (the general path then runs, or takes the per-cell kernels for this
     layout).  Bitwise the general path's results (tested)."""
+    if (activation is None and type(axis) is int and axis == 1 and type(training) is bool
+            and (kind != "group" or type(groups) is int)):
+        entry = _small_entry("channel_backward_contig", backend, num_threads)
+        if entry is not None and type(x) is np.ndarray:
+            res = _config.run_entry(entry, x, num_threads, dy, mean, rstd, weight, bias, out,
+                                    _CHANNEL_KINDS[kind], groups or 0, training)
+            if res is not None:
+                return (res[0], _small_grad_f64(res[1], weight), _small_grad_f64(res[2], bias))
     mod = _small_arrays(dy, x, axis, activation, out, backend, num_threads,
                         2 if kind == "batch" else 3)
     if mod is None or axis != 1 or type(training) is not bool:
