@@ -35,6 +35,7 @@ from libc.stdint cimport uint16_t
 from libc.stdlib cimport malloc, calloc, free
 from cython.parallel cimport prange
 cimport numpy as cnp
+import numpy as np
 
 cnp.import_array()
 
@@ -1443,12 +1444,7 @@ def rows_backward(cnp.ndarray x, Py_ssize_t xoff, cnp.ndarray dy, Py_ssize_t dyo
 
 
 # ---------------------------------------------------------------- the small-call entries
-cdef inline bint _contig(object a, int typenum) noexcept:
-    """a is an exact, aligned, native-order, C-contiguous ndarray of typenum."""
-    return (type(a) is cnp.ndarray and cnp.PyArray_TYPE(<cnp.ndarray>a) == typenum
-            and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>a)
-            and cnp.PyArray_ISALIGNED(<cnp.ndarray>a)
-            and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>a))
+include "_entry_args.pxi"
 
 
 cdef inline bint _overlap(cnp.ndarray a, cnp.ndarray b) noexcept:
@@ -1460,7 +1456,7 @@ cdef inline bint _overlap(cnp.ndarray a, cnp.ndarray b) noexcept:
 
 cdef bint _stat_shape(object a, Py_ssize_t* shape, int n, Py_ssize_t* alt, int nalt) noexcept:
     """a is a C-contiguous float64 array of shape ``shape[:n]`` or ``alt[:nalt]``."""
-    if not _contig(a, cnp.NPY_FLOAT64):
+    if not rows_eligible(a, cnp.NPY_FLOAT64):
         return False
     cdef int na = cnp.PyArray_NDIM(<cnp.ndarray>a), i
     cdef Py_ssize_t* want = shape if na == n else (alt if na == nalt else NULL)
@@ -1472,45 +1468,34 @@ cdef bint _stat_shape(object a, Py_ssize_t* shape, int n, Py_ssize_t* alt, int n
     return True
 
 
-cdef object _param_f64(object p, Py_ssize_t L, double fill):
-    """A float64 C-contiguous (L,) copy or view of a float parameter (``fill`` for
-    None), or None when p is not a float16/32/64 ndarray of shape (L,)."""
-    import numpy as np
-    if p is None:
-        return np.full(L, fill)
-    if type(p) is not cnp.ndarray or cnp.PyArray_NDIM(<cnp.ndarray>p) != 1 \
-            or cnp.PyArray_DIM(<cnp.ndarray>p, 0) != L:
-        return None
-    cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>p)
-    if not cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>p):
-        return None
-    if t == cnp.NPY_FLOAT64 and _contig(p, t):
-        return p
-    if t == cnp.NPY_FLOAT64 or t == cnp.NPY_FLOAT32 or t == cnp.NPY_FLOAT16:
-        return np.ascontiguousarray(p, dtype=np.float64)
-    return None
+cdef inline bint _native_or_none(object p) noexcept:
+    """p is None, or not an ndarray (param_row declines it), or in native byte order
+    (``_small_param`` of backward.py takes native float dtypes only)."""
+    return type(p) is not cnp.ndarray or cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>p)
 
 
 cdef object _params_f64(object weight, object bias, Py_ssize_t n):
-    """(w, b, want) for rows_nd: float64 vectors of n (ones / zeros for a missing one)
-    when a parameter is given, else one-element placeholders; None when a given one
-    is not a float vector of n (``_small_params`` of backward.py)."""
-    import numpy as np
+    """(w, b, want) for rows_nd: float64 vectors of n (``param_row``: ones / zeros for
+    a missing one) when a parameter is given, else one-element placeholders; None
+    when a given one is not a native-order float vector of n (``_small_params`` of
+    backward.py)."""
     if weight is None and bias is None:
         return np.ones(1), np.zeros(1), False
-    cdef object w1 = _param_f64(weight, n, 1.0), b1 = _param_f64(bias, n, 0.0)
+    if not _native_or_none(weight) or not _native_or_none(bias):
+        return None
+    cdef object w1 = param_row(weight, n, 1.0), b1 = param_row(bias, n, 0.0)
     if w1 is None or b1 is None:
         return None
     return w1, b1, True
 
 
 cdef object _params_and_output(object weight, object bias, Py_ssize_t n, object out,
-                               cnp.ndarray xa, cnp.ndarray da):
+                               cnp.ndarray xa, cnp.ndarray da, int nthreads):
     """(``_params_f64``, ``_output``), or None when either declines."""
     cdef object params = _params_f64(weight, bias, n)
     if params is None:
         return None
-    cdef object dx = _output(out, xa, da)
+    cdef object dx = _output(out, xa, da, nthreads)
     return None if dx is None else (params, dx)
 
 
@@ -1522,7 +1507,7 @@ cdef int _input_code(object x, object dy, int min_nd) noexcept:
         return -1
     cdef cnp.ndarray xa = <cnp.ndarray>x, da = <cnp.ndarray>dy
     cdef int t = cnp.PyArray_TYPE(xa), nd = cnp.PyArray_NDIM(xa), i
-    if nd < min_nd or not _contig(xa, t) or not _contig(da, t) or cnp.PyArray_NDIM(da) != nd \
+    if nd < min_nd or not rows_eligible(xa, t) or not rows_eligible(da, t) or cnp.PyArray_NDIM(da) != nd \
             or cnp.PyArray_SIZE(xa) <= 0:
         return -1
     for i in range(nd):
@@ -1532,24 +1517,19 @@ cdef int _input_code(object x, object dy, int min_nd) noexcept:
                                            (0 if t == cnp.NPY_FLOAT16 else -1))
 
 
-cdef object _output(object out, cnp.ndarray xa, cnp.ndarray da):
-    """dx: a new array, or ``out`` when it is x or dy itself (writeable) or a writeable
-    array like x that overlaps neither; None otherwise (the general path decides)."""
-    import numpy as np
+cdef object _output(object out, cnp.ndarray xa, cnp.ndarray da, int nthreads):
+    """dx: ``output_like`` for x (a new array, its pages faulted in first when
+    threads will write it), where ``out`` may also be the dy object itself and must
+    otherwise share no memory with x or dy (x itself: the same object); None where
+    the general path decides."""
     if out is None:
-        return np.empty_like(xa)
+        return output_like(xa, None, nthreads)
     if out is xa or out is da:
         return out if cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out) else None
-    cdef int nd = cnp.PyArray_NDIM(xa), i
-    if not _contig(out, cnp.PyArray_TYPE(xa)) or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out) \
-            or cnp.PyArray_NDIM(<cnp.ndarray>out) != nd:
+    if type(out) is not cnp.ndarray or _overlap(<cnp.ndarray>out, xa) \
+            or _overlap(<cnp.ndarray>out, da):
         return None
-    for i in range(nd):
-        if cnp.PyArray_DIM(<cnp.ndarray>out, i) != cnp.PyArray_DIM(xa, i):
-            return None
-    if _overlap(<cnp.ndarray>out, xa) or _overlap(<cnp.ndarray>out, da):
-        return None
-    return out
+    return output_like(xa, out, nthreads)
 
 
 cdef struct Dim:
@@ -1608,7 +1588,6 @@ cdef object _rows_entry(cnp.ndarray xa, cnp.ndarray da, cnp.ndarray dx, int code
     (``pacc.sum(axis=0)`` added to zeros), dx written into ``dx``.  Returns ``(dx,
     dweight, dbias)`` (float64 sums, None where not given) or None, with nothing
     written, where the general path would not take the rows kernel."""
-    import numpy as np
     cdef Dim rows[2]
     cdef Dim batch[2]
     if not _merge_pad(rows_in, nr, rows) or not _merge_pad(batch_in, nb, batch):
@@ -1697,7 +1676,6 @@ def rows_backward_contig(object x, object dy, object mean, object rstd, object w
     or None when the call is not eligible (the caller takes the general path,
     which validates).
     """
-    import numpy as np
     cdef int code = _input_code(x, dy, 1)
     if code < 0 or (mode != MODE_CENTER and mode != MODE_RMS):
         return None
@@ -1711,7 +1689,7 @@ def rows_backward_contig(object x, object dy, object mean, object rstd, object w
     if not _stat_shape(rstd, shape, nd, shape, nd - 1) or (
             mode == MODE_CENTER and not _stat_shape(mean, shape, nd, shape, nd - 1)):
         return None
-    cdef object pd = _params_and_output(weight, bias, L, out, xa, <cnp.ndarray>dy)
+    cdef object pd = _params_and_output(weight, bias, L, out, xa, <cnp.ndarray>dy, nthreads)
     if pd is None:
         return None
     cdef object params = pd[0], dx = pd[1]
@@ -1743,7 +1721,6 @@ def channel_backward_contig(object x, object dy, object mean, object rstd, objec
     dweight, dbias)`` (float64 sums, the caller casts) or None: the caller then takes
     its Python path (the general path, which validates).
     """
-    import numpy as np
     cdef int code = _input_code(x, dy, 2 if kind == 0 else 3)
     if code < 0 or kind < 0 or kind > 2:
         return None
@@ -1773,7 +1750,7 @@ def channel_backward_contig(object x, object dy, object mean, object rstd, objec
         ok = _stat_shape(mean, alt, 2, alt, 2) and _stat_shape(rstd, alt, 2, alt, 2)
     if not ok:
         return None
-    cdef object pd = _params_and_output(weight, bias, C, out, xa, <cnp.ndarray>dy)
+    cdef object pd = _params_and_output(weight, bias, C, out, xa, <cnp.ndarray>dy, nthreads)
     if pd is None:
         return None
     cdef object params = pd[0], dx = pd[1]
