@@ -562,13 +562,18 @@ def _small_grad_f64(g, p):
 _CHANNEL_KINDS = {"batch": 0, "instance": 1, "group": 2}
 
 
-def _small_entry(name, backend, num_threads):
+def _small_entry(name, x, weight, bias, backend, num_threads, *args):
     """The C entry ``name`` (``rows_backward_contig``, ``channel_backward_contig``) of the
-    Cython kernels where ``small_call_allowed``, else None (the Numba backend and the
-    rest take the Python small path or the general one)."""
-    if not _config.small_call_allowed(backend, num_threads):
+    Cython kernels on ``(x, *args)`` where ``small_call_allowed``: ``(dx, dweight,
+    dbias)`` with the gradients in their parameters' dtypes, or None when there is no
+    such entry (the Numba backend and the rest) or it declines the call (the Python
+    small path or the general path then runs)."""
+    if not _config.small_call_allowed(backend, num_threads) or type(x) is not np.ndarray:
         return None
-    return getattr(_kernels("cython"), name, None)
+    entry = getattr(_kernels("cython"), name, None)
+    res = None if entry is None else _config.run_entry(entry, x, num_threads, *args)
+    return None if res is None else (res[0], _small_grad_f64(res[1], weight),
+                                     _small_grad_f64(res[2], bias))
 
 
 def _small_kernels(backend, num_threads):
@@ -683,12 +688,10 @@ def _small_rows_backward(dy, x, mean, rstd, weight, bias, axis, activation, out,
     planning; None when it does not apply.  Same kernel, same arguments, so bitwise
     the same results (tested)."""
     if activation is None and type(axis) is int and axis == -1:
-        entry = _small_entry("rows_backward_contig", backend, num_threads)
-        if entry is not None and type(x) is np.ndarray:
-            res = _config.run_entry(entry, x, num_threads, dy, mean, rstd, weight, bias, out,
-                                    mode)
-            if res is not None:
-                return (res[0], _small_grad_f64(res[1], weight), _small_grad_f64(res[2], bias))
+        res = _small_entry("rows_backward_contig", x, weight, bias, backend, num_threads, dy,
+                           mean, rstd, weight, bias, out, mode)
+        if res is not None:
+            return res
     mod = _small_arrays(dy, x, axis, activation, out, backend, num_threads, 1)
     if mod is None or axis != -1:
         return None
@@ -738,12 +741,11 @@ def _small_channel_backward(kind, dy, x, mean, rstd, weight, bias, groups, train
     layout).  Bitwise the general path's results (tested)."""
     if (activation is None and type(axis) is int and axis == 1 and type(training) is bool
             and (kind != "group" or type(groups) is int)):
-        entry = _small_entry("channel_backward_contig", backend, num_threads)
-        if entry is not None and type(x) is np.ndarray:
-            res = _config.run_entry(entry, x, num_threads, dy, mean, rstd, weight, bias, out,
-                                    _CHANNEL_KINDS[kind], groups or 0, training)
-            if res is not None:
-                return (res[0], _small_grad_f64(res[1], weight), _small_grad_f64(res[2], bias))
+        res = _small_entry("channel_backward_contig", x, weight, bias, backend, num_threads,
+                           dy, mean, rstd, weight, bias, out, _CHANNEL_KINDS[kind], groups or 0,
+                           training)
+        if res is not None:
+            return res
     mod = _small_arrays(dy, x, axis, activation, out, backend, num_threads,
                         2 if kind == "batch" else 3)
     if mod is None or axis != 1 or type(training) is not bool:
