@@ -150,17 +150,22 @@ def small_call_allowed(backend, num_threads) -> bool:
             and small_threads_allowed(num_threads))
 
 
-def run_entry(entry, x, num_threads, *args):
+def run_entry(entry, x, num_threads, *args, serial_below=None):
     """``entry(x, *args, nthreads)``: a C entry of the compiled kernels, with the
     thread count of a call slot when x is large enough for threads (as the
-    general path takes it), else 1 without the slot's bookkeeping (the kernels
-    run serially below ``SERIAL_WORK_ELEMENTS`` anyway).  Without the compiled
-    kernels (a Numba entry) always the slot: the Numba kernels apply their own
-    serial threshold."""
-    if type(x) is np.ndarray and (kernels is None or x.size >= kernels.SERIAL_WORK_ELEMENTS):
-        with call_slot(num_threads) as nthreads:
-            return entry(x, *args, nthreads)
-    return entry(x, *args, 1)
+    general path takes it), else 1 without the slot's bookkeeping: below
+    ``serial_below`` elements (default ``SERIAL_WORK_ELEMENTS``; the kernel's own
+    serial threshold, below which it runs serially anyway), or when the call asks
+    for one thread.  Without the compiled kernels (a Numba entry) always the slot:
+    the Numba kernels apply their own serial threshold."""
+    if type(x) is not np.ndarray:
+        return entry(x, *args, 1)
+    if kernels is not None and (
+            x.size < (kernels.SERIAL_WORK_ELEMENTS if serial_below is None else serial_below)
+            or resolve_threads(num_threads) == 1):
+        return entry(x, *args, 1)
+    with call_slot(num_threads) as nthreads:
+        return entry(x, *args, nthreads)
 
 
 def small_threads_allowed(num_threads) -> bool:

@@ -310,8 +310,9 @@ _PER_CHANNEL = object()
 
 
 def _rows_entry(x, out, eps, mode, weight, bias, groups, want_stats, num_threads):
-    return _config.run_entry(_config.kernels.norm_rows_contig, x, num_threads, out, eps, mode,
-                             weight, bias, groups, want_stats)
+    k = _config.kernels
+    return _config.run_entry(k.norm_rows_contig, x, num_threads, out, eps, mode, weight, bias,
+                             groups, want_stats, serial_below=k.ROWS_SERIAL_WORK_ELEMENTS)
 
 
 def _plain_momentum(momentum):
