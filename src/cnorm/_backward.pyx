@@ -270,6 +270,21 @@ cdef extern from *:
     /* (x - m) - ml, skipping the exact "- 0.0" when the loop-invariant z says ml == 0
        (x - 0.0 == x for every x, so the result is the same bits; GCC unswitches the loop) */
     #define CNB_C(x, m, ml, z) ((z) ? ((x) - (m)) : (((x) - (m)) - (ml)))
+    /* the vector loop of cnb_rowB, once for each value of the loop-invariant z */
+    #define CNB_ROWB_STEP(S, PVEC, Z)                                                       \
+        for (i = 0; i < nv; i += 16)                                                        \
+            CNB_FOR_J {                                                                     \
+                const Py_ssize_t k = i + j * CNB_W;                                         \
+                cnb_vw v = CNB_C(cnb_wld_##S(x + k), mv, mlv, Z) * rv;                      \
+                cnb_vw g = cnb_wld_##S(dy + k), t = PVEC ? cnb_wld(w + k) * g : g;          \
+                s1[j] += t; s2[j] += t * v;                                                 \
+                if (PVEC) {                                                                 \
+                    cnb_wst(pw + k, cnb_wld(pw + k) + g * v);                               \
+                    cnb_wst(pb + k, cnb_wld(pb + k) + g);                                   \
+                }                                                                           \
+            }
+    #define CNB_ROWB_LOOP(S, PVEC, ZTEST)                                                   \
+        if (ZTEST) { CNB_ROWB_STEP(S, PVEC, 1) } else { CNB_ROWB_STEP(S, PVEC, 0) }
     #define CNB_ROW(T, S)                                                                   \
     /* a[0:16] += x - m */                                                                  \
     static inline void cnb_rowA_##S(const T *restrict x, Py_ssize_t n, double m,            \
@@ -284,7 +299,11 @@ cdef extern from *:
         CNB_FOR_J cnb_wst(a + j * CNB_W, s[j]);                                             \
         for (i = nv; i < n; i++) a[i - nv] += cnb_s_##S(x[i]) - m;                          \
     }                                                                                       \
-    /* a[0:16] += w*dy, a[16:32] += w*dy*xh; with pvec pw += dy*xh, pb += dy */             \
+    /* a[0:16] += w*dy, a[16:32] += w*dy*xh, pw += dy*xh, pb += dy (pvec: parameters per  \
+       element); without pvec a[0:16] += dy, a[16:32] += dy*xh (w unused: the caller      \
+       weighs the segment's sums, fold_segment).  Each loop twice, for ml == 0 (z) and    \
+       not: with the test inside, GCC kept it in the loop and, on AVX2, the 16 lanes of  \
+       s1 and s2 on the stack (batch_norm_backward float32, AMD EPYC Zen 4). */          \
     static inline void cnb_rowB_##S(const T *restrict x, const T *restrict dy, Py_ssize_t n, \
                                     double m, double ml, double r, const double *restrict w, \
                                     int pvec, double *restrict pw, double *restrict pb,     \
@@ -292,37 +311,21 @@ cdef extern from *:
         cnb_vw s1[2 * CNB_N], s2[2 * CNB_N];                                                \
         Py_ssize_t i, nv = n - n % 16;                                                      \
         int j;                                                                              \
-        const int z = ml == 0.0;                                                            \
         const cnb_vw mv = cnb_wsplat(m), mlv = cnb_wsplat(ml), rv = cnb_wsplat(r);          \
         CNB_FOR_J {                                                                         \
             s1[j] = cnb_wld(a + j * CNB_W); s2[j] = cnb_wld(a + 16 + j * CNB_W);            \
         }                                                                                   \
         if (pvec) {                                                                         \
-            for (i = 0; i < nv; i += 16)                                                    \
-                CNB_FOR_J {                                                                 \
-                    const Py_ssize_t k = i + j * CNB_W;                                     \
-                    cnb_vw v = CNB_C(cnb_wld_##S(x + k), mv, mlv, z) * rv;                  \
-                    cnb_vw g = cnb_wld_##S(dy + k), t = cnb_wld(w + k) * g;                 \
-                    s1[j] += t; s2[j] += t * v;                                             \
-                    cnb_wst(pw + k, cnb_wld(pw + k) + g * v);                               \
-                    cnb_wst(pb + k, cnb_wld(pb + k) + g);                                   \
-                }                                                                           \
+            CNB_ROWB_LOOP(S, 1, ml == 0.0)                                                  \
         } else {                                                                            \
-            const cnb_vw w0 = cnb_wsplat(w[0]);                                             \
-            for (i = 0; i < nv; i += 16)                                                    \
-                CNB_FOR_J {                                                                 \
-                    const Py_ssize_t k = i + j * CNB_W;                                     \
-                    cnb_vw v = CNB_C(cnb_wld_##S(x + k), mv, mlv, z) * rv;                  \
-                    cnb_vw t = w0 * cnb_wld_##S(dy + k);                                    \
-                    s1[j] += t; s2[j] += t * v;                                             \
-                }                                                                           \
+            CNB_ROWB_LOOP(S, 0, ml == 0.0)                                                  \
         }                                                                                   \
         CNB_FOR_J {                                                                         \
             cnb_wst(a + j * CNB_W, s1[j]); cnb_wst(a + 16 + j * CNB_W, s2[j]);              \
         }                                                                                   \
         for (i = nv; i < n; i++) {                                                          \
             double v = ((cnb_s_##S(x[i]) - m) - ml) * r, g = cnb_s_##S(dy[i]);              \
-            double t = (pvec ? w[i] : w[0]) * g;                                            \
+            double t = pvec ? w[i] * g : g;                                                 \
             a[i - nv] += t; a[16 + i - nv] += t * v;                                        \
             if (pvec) { pw[i] += g * v; pb[i] += g; }                                       \
         }                                                                                   \
