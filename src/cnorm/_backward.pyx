@@ -1653,13 +1653,23 @@ cdef object _rows_entry(cnp.ndarray xa, cnp.ndarray da, cnp.ndarray dx, int code
     cdef double* sp[2]
     sp[0] = <double*>cnp.PyArray_DATA(dw)
     sp[1] = <double*>cnp.PyArray_DATA(db)
-    cdef double acc
+    cdef double* dst
+    cdef const double* part
+    # task by task over all P sums (each sum still adds the tasks in order, the same
+    # bits): one sum at a time over the tasks was a chain of dependent additions,
+    # ~9 us of the 67 of a (4, 64, 16, 16) float32 batch_norm_backward (64 tasks x 2
+    # x 64 sums, AMD EPYC Zen 4); this order vectorizes
     for k in range(2):
+        dst = sp[k]
+        part = pacc + k * Pp
         for j in range(P):
-            acc = pacc[k * Pp + j]
-            for i in range(1, T):
-                acc = acc + pacc[(i * 2 + k) * Pp + j]
-            sp[k][j] = acc + 0.0
+            dst[j] = part[j]
+        for i in range(1, T):
+            part = pacc + (i * 2 + k) * Pp
+            for j in range(P):
+                dst[j] = dst[j] + part[j]
+        for j in range(P):
+            dst[j] = dst[j] + 0.0
     free(pacc)
     return dx, (dw if wgiven else None), (db if bgiven else None)
 
