@@ -25,7 +25,9 @@ too few to share among threads) BatchNorm / GroupNorm / InstanceNorm reduce
 per *cell* (sample, channel) over whole rows of channels and finish with one
 elementwise pass.  Accumulation is float64 for every dtype, over a partition of
 the work fixed by the shape alone: results are bitwise identical for any
-``num_threads`` (and for every ISA path of the Cython kernels).  ``out=``
+``num_threads`` (and for every ISA path of the Cython kernels, except the sign
+and payload of a NaN: where two NaNs meet in one operation, which of them
+propagates depends on the operand order the compiler chose for that ISA).  ``out=``
 writes ``dx`` into a given array (it may be ``dy`` itself).
 """
 from __future__ import annotations
