@@ -3,9 +3,7 @@
 * Many Python threads calling cnorm at once give bitwise the serial results.
 * ``num_threads=1`` and ``num_threads=2`` give bitwise identical results (the
   reduction tree is fixed) on arrays above the 131 072-element threading
-  threshold, for moments over several axes/layouts and for every layer, and on
-  65 536 elements, which the row layers and the backward entries thread.
-* ``run_entry`` gives an entry threads from the entry's own serial threshold on.
+  threshold, for moments over several axes/layouts and for every layer.
 * The compiled ISA paths agree within 1 ulp (float32) on offset data.
 * Bad thread counts raise ValueError naming the argument.
 * (xfail, library bug) ``import cnorm`` must work on a CPU without AVX-512;
@@ -239,57 +237,15 @@ def test_large_new_outputs_faulted_in_first_are_fully_written(call):
 
 
 def test_run_entry_thread_counts():
-    """``run_entry`` gives an entry the call slot's threads from its entry's serial
-    threshold on (``serial_below``: the row layers' and the backward kernels' own), else
-    1 -- and 1 when the call asks for one thread, without the slot's bookkeeping."""
+    """``run_entry`` gives an entry the call slot's threads from
+    ``SERIAL_WORK_ELEMENTS`` on, else 1 -- and 1, without the slot's bookkeeping,
+    when the call asks for one thread or x is not an ndarray."""
     seen = []
     entry = (lambda x, tag, nthreads: seen.append((tag, nthreads)))
-    mid = np.zeros(40000, np.float32)
-    big = np.zeros(_config.kernels.SERIAL_WORK_ELEMENTS, np.float32)
-    rows = _config.kernels.ROWS_SERIAL_WORK_ELEMENTS
-    assert rows <= mid.size < big.size
-    _config.run_entry(entry, mid, 2, "default")
-    _config.run_entry(entry, mid, 2, "rows", serial_below=rows)
-    _config.run_entry(entry, mid[:rows - 1], 2, "below", serial_below=rows)
+    n = _config.kernels.SERIAL_WORK_ELEMENTS
+    small, big = np.zeros(n - 1, np.float32), np.zeros(n, np.float32)
+    _config.run_entry(entry, small, 2, "small")
     _config.run_entry(entry, big, 2, "big")
     _config.run_entry(entry, big, 1, "one")
     _config.run_entry(entry, [1.0], 2, "list")
-    assert seen == [("default", 1), ("rows", 2), ("below", 1), ("big", 2), ("one", 1),
-                    ("list", 1)]
-
-
-def _mid_calls(x):
-    """Layers whose small-call entries thread below 131 072 elements (the row layers'
-    32 768, the backward kernels' 32 768), forward and backward."""
-    n, c = x.shape[0], x.shape[1]
-    wl = np.linspace(0.5, 1.5, x.shape[-1]).astype(x.dtype)
-    wc = np.linspace(0.5, 1.5, c).astype(x.dtype)
-    rows = x.reshape(-1, x.shape[-1])
-    dy = np.cos(x).astype(x.dtype)
-    _, m, r = cnorm.layer_norm(rows, -1, return_stats=True)
-    _, mc, rc = cnorm.batch_norm(x, return_stats=True)
-    _, mg, rg = cnorm.group_norm(x, 4, return_stats=True)
-    return {
-        "layer_norm": lambda k: cnorm.layer_norm(rows, -1, wl, wl, num_threads=k,
-                                                 return_stats=True),
-        "rms_norm": lambda k: cnorm.rms_norm(rows, -1, wl, num_threads=k),
-        "group_norm": lambda k: cnorm.group_norm(x, 4, wc, wc, num_threads=k),
-        "instance_norm": lambda k: cnorm.instance_norm(x, wc, wc, num_threads=k),
-        "layer_norm_backward": lambda k: cnorm.layer_norm_backward(
-            dy.reshape(rows.shape), rows, m, r, wl, wl, num_threads=k),
-        "batch_norm_backward": lambda k: cnorm.batch_norm_backward(dy, x, mc, rc, wc, wc,
-                                                                   num_threads=k),
-        "group_norm_backward": lambda k: cnorm.group_norm_backward(dy, x, mg, rg, 4, wc, wc,
-                                                                   num_threads=k),
-    }
-
-
-@pytest.mark.parametrize("name", list(_mid_calls(np.zeros((2, 8, 2, 2), np.float32))))
-@pytest.mark.parametrize("dt", [np.float16, np.float32, np.float64], ids=lambda d: np.dtype(d).name)
-def test_mid_size_thread_count_independent(name, dt):
-    """65 536 elements: threaded by the row layers' and backward entries' thresholds, not
-    by the default one; 1 and 2 threads give the same bits."""
-    x = (np.random.default_rng(11).standard_normal((4, 16, 32, 32)) * 2 + 30).astype(dt)
-    assert _config.kernels.ROWS_SERIAL_WORK_ELEMENTS <= x.size < _config.kernels.SERIAL_WORK_ELEMENTS
-    f = _mid_calls(x)[name]
-    _tree_equal(f(1), f(2))
+    assert seen == [("small", 1), ("big", 2), ("one", 1), ("list", 1)]

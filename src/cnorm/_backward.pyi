@@ -11,7 +11,6 @@ import numpy.typing as npt
 
 F64 = npt.NDArray[np.float64]
 
-SERIAL_WORK_ELEMENTS: int              # calls on fewer elements never start threads
 def isa() -> str: ...
 def set_block_rows4(on: bool) -> bool: ...   # bint: the four-row blocked pass on/off (tests)
 def dact_values(v: F64, act: int) -> F64: ...   # const double[::1], int: act'(v) (tests)

@@ -780,9 +780,6 @@ DEF ACT_GELU_TANH = 3
 DEF ACT_SILU = 4
 
 
-SERIAL_WORK_ELEMENTS = SERIAL_WORK   # for Python callers (_config.run_entry)
-
-
 def isa():
     return cn_isa_name().decode()
 

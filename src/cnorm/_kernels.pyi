@@ -6,7 +6,6 @@ import numpy.typing as npt
 from typing import Sequence
 
 SERIAL_WORK_ELEMENTS: int              # calls on fewer elements never start threads
-ROWS_SERIAL_WORK_ELEMENTS: int         # the same for norm_rows_contig (row layers)
 
 def isa() -> str: ...
 def cpu_level() -> int: ...

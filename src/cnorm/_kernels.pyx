@@ -47,17 +47,10 @@ DEF CHUNK_BLOCKS = 64   # blocks per chunk: the unit of parallel work along a sl
 DEF TILE = 1024         # columns per tile in the column kernel (a whole row up to 1024)
 DEF COLS_CHUNK_BLOCKS = 2  # column blocks per parallel task
 DEF SERIAL_WORK = 131072 # below this many elements, never start threads (wake-up costs more)
-# the row layers (norm_rows_run: statistics and apply) start threads from fewer: a row's
-# statistics and apply cost 2-6x a copy, so 32768 elements are 15-45 us of serial work,
-# where a second thread already pays (AMD EPYC, AVX2, 2026-12-08: layer_norm (32, 1024)
-# float64 2 threads 41.6 -> 24.2 us, (32, 1024) float32 18.3 -> 16.1; (16, 1024)
-# float32 was slower threaded, 10.7 -> 12.5)
-DEF ROWS_SERIAL_WORK = 32768
 DEF SLICE_GROUP = 32   # slices whose block rows the NCHW (block-major) moments interleave
 
 
 SERIAL_WORK_ELEMENTS = SERIAL_WORK   # for Python callers: below this, calls run serially
-ROWS_SERIAL_WORK_ELEMENTS = ROWS_SERIAL_WORK   # the same for norm_rows_contig
 
 
 def isa():
@@ -1047,7 +1040,7 @@ cdef void norm_rows_run(const src_t* x, src_t* y, Py_ssize_t R, Py_ssize_t L, Py
                         double* mean, double* var, int nthreads,
                         const cn_h32_prep* hp) noexcept nogil:
     cdef Py_ssize_t r
-    cdef int nt = nthreads if R * L >= ROWS_SERIAL_WORK and R > 1 else 1
+    cdef int nt = nthreads if R * L >= SERIAL_WORK and R > 1 else 1
     cdef bint stream = R * L * <Py_ssize_t>sizeof(src_t) >= stream_min_bytes
     cdef int t
     cdef Py_ssize_t pf = CN_PF_AHEAD if xrs == L * <Py_ssize_t>sizeof(src_t) else 0

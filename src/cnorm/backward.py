@@ -572,10 +572,8 @@ def _small_entry(name, x, weight, bias, backend, num_threads, *args):
     small path or the general path then runs)."""
     if not _config.small_call_allowed(backend, num_threads) or type(x) is not np.ndarray:
         return None
-    mod = _kernels("cython")
-    entry = getattr(mod, name, None)
-    res = None if entry is None else _config.run_entry(
-        entry, x, num_threads, *args, serial_below=mod.SERIAL_WORK_ELEMENTS)
+    entry = getattr(_kernels("cython"), name, None)
+    res = None if entry is None else _config.run_entry(entry, x, num_threads, *args)
     return None if res is None else (res[0], _small_grad_f64(res[1], weight),
                                      _small_grad_f64(res[2], bias))
 

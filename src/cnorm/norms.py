@@ -310,9 +310,8 @@ _PER_CHANNEL = object()
 
 
 def _rows_entry(x, out, eps, mode, weight, bias, groups, want_stats, num_threads):
-    k = _config.kernels
-    return _config.run_entry(k.norm_rows_contig, x, num_threads, out, eps, mode, weight, bias,
-                             groups, want_stats, serial_below=k.ROWS_SERIAL_WORK_ELEMENTS)
+    return _config.run_entry(_config.kernels.norm_rows_contig, x, num_threads, out, eps, mode,
+                             weight, bias, groups, want_stats)
 
 
 def _plain_momentum(momentum):
