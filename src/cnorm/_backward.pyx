@@ -1132,7 +1132,6 @@ cdef void row_fast(const char* xr, const char* dyr, char* dxr, Py_ssize_t K0, Py
     cdef double seg[32]
     cdef double vbuf[ROWFAST_BUF]
     cdef double tbuf[ROWFAST_BUF]
-    cdef double one = 1.0
     cdef Py_ssize_t K = K0 * K1, k0
     cdef bint buffered = K <= ROWFAST_BUF and (io_t is uint16_t or not pvec)
     cdef double* vb = NULL
@@ -1161,8 +1160,8 @@ cdef void row_fast(const char* xr, const char* dyr, char* dxr, Py_ssize_t K0, Py
         else:
             for l in range(32):
                 seg[l] = 0.0
-            d_rowB(xr + k0 * xs0, dyr + k0 * ds0, K1, m, ml, r, &one, 0, NULL, NULL, seg, vb, tb,
-                   tag)
+            d_rowB(xr + k0 * xs0, dyr + k0 * ds0, K1, m, ml, r, NULL, 0, NULL, NULL, seg, vb, tb,
+                   tag)   # no weight: fold_segment weighs the segment's sums
             fold_segment(seg, seg + 16, 16, wk[0], &s1, &s2, pw + pk0 * k0 if pw != NULL else NULL,
                          pb + pk0 * k0 if pw != NULL else NULL)
     for l in range(16):
